@@ -1,0 +1,135 @@
+"""The configuration schema: every key, its Hugging Face default, its flags and its help.
+
+One `ml_collections.ConfigDict` is the single source of truth for a run. `base_config()` holds
+the defaults of Hugging Face's `run_summarization.py` (so a seed command means the same thing
+here); `configs/*.py` start from it and change what their recipe needs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+from typing import Any
+
+import ml_collections
+from ml_collections import config_dict
+
+ASSETS_DIR = pathlib.Path(__file__).resolve().parent / "assets"
+BUNDLED_TOKENIZER_DIR = ASSETS_DIR / "t5"
+BUNDLED_DIALOGSUM_DIR = ASSETS_DIR / "dialogsum"
+
+
+@dataclasses.dataclass(frozen=True)
+class Field:
+  key: str
+  default: Any
+  type: type
+  help: str
+  group: str
+  aliases: tuple[str, ...] = ()
+
+
+# Keys whose default is None carry their type here so `--config.key=value` still type-checks.
+FIELDS: tuple[Field, ...] = (
+    # Model.
+    Field("model_name_or_path", None, str, "Pretrained model: a Hub id or a local directory with "
+          "config.json + model.safetensors.", "model"),
+    Field("config_name", None, str, "A Hugging Face T5 config.json (or its directory) to start "
+          "from a random init when --model_name_or_path is not given.", "model"),
+    Field("tokenizer_name", None, str, "Directory holding spiece.model or tokenizer files "
+          "(default: the model's directory, else the bundled T5 vocabulary).", "model"),
+    Field("cache_dir", None, str, "Where downloaded models and datasets are stored.", "model"),
+    Field("dtype", "float32", str, "Compute dtype: float32 or bfloat16.", "model"),
+    # Data.
+    Field("dataset_name", None, str, "A dataset on the Hugging Face Hub, e.g. cnn_dailymail.",
+          "data"),
+    Field("dataset_config", None, str, "The dataset's configuration, e.g. 3.0.0.", "data",
+          aliases=("dataset_config_name",)),
+    Field("train_file", None, str, "Training data: a .csv, .json or .jsonl file.", "data"),
+    Field("validation_file", None, str, "Evaluation data: a .csv, .json or .jsonl file.", "data"),
+    Field("test_file", None, str, "Prediction data: a .csv, .json or .jsonl file.", "data"),
+    Field("text_column", None, str, "Column with the documents (default: the first column).",
+          "data"),
+    Field("summary_column", None, str, "Column with the summaries (default: the second column).",
+          "data"),
+    Field("source_prefix", "", str, "Text put before every document, e.g. 'summarize: '.", "data"),
+    Field("max_source_length", 1024, int, "Documents are truncated to this many tokens.", "data"),
+    Field("max_target_length", 128, int, "Training summaries are truncated to this many tokens.",
+          "data"),
+    Field("val_max_target_length", None, int, "Summary length for eval/predict and generation "
+          "(default: max_target_length).", "data"),
+    Field("max_train_samples", None, int, "Use only the first N training examples.", "data"),
+    Field("max_eval_samples", None, int, "Use only the first N evaluation examples.", "data"),
+    Field("max_predict_samples", None, int, "Use only the first N prediction examples.", "data"),
+    Field("preprocessing_num_workers", None, int, "Processes used for tokenization.", "data"),
+    Field("overwrite_cache", False, bool, "Tokenize again instead of using the cache.", "data"),
+    # What to run and where.
+    Field("output_dir", None, str, "Where results, predictions, logs and the model are written.",
+          "run"),
+    Field("overwrite_output_dir", False, bool, "Start fresh in a non-empty output_dir.", "run"),
+    Field("do_train", False, bool, "Train.", "run"),
+    Field("do_eval", False, bool, "Evaluate on the validation data.", "run"),
+    Field("do_predict", False, bool, "Predict on the test data.", "run"),
+    Field("predict_with_generate", False, bool, "Generate summaries in eval/predict and score "
+          "ROUGE.", "run"),
+    Field("seed", 42, int, "Seed for init, data order and dropout.", "run"),
+    # Optimisation.
+    Field("per_device_train_batch_size", 8, int, "Training examples per device per step.",
+          "train"),
+    Field("per_device_eval_batch_size", 8, int, "Eval/predict examples per device per step.",
+          "train"),
+    Field("gradient_accumulation_steps", 1, int, "Micro-batches summed into one update.", "train"),
+    Field("optim", "adamw", str, "Optimizer: adamw or adafactor.", "train"),
+    Field("learning_rate", 5e-5, float, "Peak learning rate.", "train"),
+    Field("lr_scheduler_type", "linear", str, "Decay after warmup: linear, cosine or constant.",
+          "train"),
+    Field("warmup_steps", 0, int, "Linear warmup steps.", "train"),
+    Field("weight_decay", 0.0, float, "AdamW weight decay (not applied to layer norms).", "train"),
+    Field("adam_beta1", 0.9, float, "AdamW beta1.", "train"),
+    Field("adam_beta2", 0.999, float, "AdamW beta2.", "train"),
+    Field("adam_epsilon", 1e-8, float, "AdamW epsilon.", "train"),
+    Field("max_grad_norm", 1.0, float, "Clip gradients to this global norm (0 disables).",
+          "train"),
+    Field("label_smoothing_factor", 0.0, float, "Label smoothing of the cross-entropy.", "train"),
+    Field("num_train_epochs", 3.0, float, "Epochs to train (ignored when max_steps > 0).",
+          "train"),
+    Field("max_steps", -1, int, "Optimizer updates to run; overrides num_train_epochs when > 0.",
+          "train"),
+    # Generation.
+    Field("num_beams", None, int, "Beams for generation (greedy is used now; beam search comes "
+          "with fast decoding).", "generate"),
+    # Step-based logging, evaluation and saving.
+    Field("logging_steps", 500, int, "Log train loss every N updates.", "log"),
+    Field("eval_steps", None, int, "Evaluate every N updates (default: only at the end).", "log"),
+    Field("save_steps", 500, int, "Save a checkpoint every N updates.", "log"),
+    # Not available yet: accepted so seed commands parse, refused with a clear message.
+    Field("resume_from_checkpoint", None, str, "Resume from this checkpoint (not available "
+          "yet).", "later"),
+    Field("push_to_hub", False, bool, "Upload the model to the Hub (not available yet).",
+          "later"),
+    Field("hub_model_id", None, str, "Repository name on the Hub (not available yet).", "later",
+          aliases=("push_to_hub_model_id",)),
+    Field("fp16", False, bool, "float16 mixed precision: runs as bfloat16 (T5 overflows in "
+          "float16).", "later"),
+    Field("bf16", False, bool, "bfloat16 compute.", "later"),
+)
+
+FIELDS_BY_KEY = {f.key: f for f in FIELDS}
+
+# Keys that name where the model or the data comes from. When a command line names any of them,
+# it brings its own recipe, and the run starts from `base_config()` rather than the embedded
+# default (see flax_sum.cli).
+SOURCE_KEYS = ("model_name_or_path", "config_name", "dataset_name", "train_file",
+               "validation_file", "test_file")
+MODE_KEYS = ("do_train", "do_eval", "do_predict")
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """Every key with Hugging Face `run_summarization.py`'s default."""
+  config = ml_collections.ConfigDict()
+  for field in FIELDS:
+    if field.default is None:
+      config[field.key] = config_dict.placeholder(field.type)
+    else:
+      config[field.key] = field.type(field.default)
+  return config
