@@ -37,7 +37,7 @@ FIELDS: tuple[Field, ...] = (
     Field("config_name", None, str, "A Hugging Face T5 config.json (or its directory) to start "
           "from a random init when --model_name_or_path is not given.", "model"),
     Field("tokenizer_name", None, str, "Directory holding spiece.model or tokenizer files "
-          "(default: the model's directory, else the bundled T5 vocabulary).", "model"),
+          "(if None: the model's directory, else the bundled T5 vocabulary).", "model"),
     Field("cache_dir", None, str, "Where downloaded models and datasets are stored.", "model"),
     Field("dtype", "float32", str, "Compute dtype: float32 or bfloat16.", "model"),
     # Data.
@@ -48,16 +48,16 @@ FIELDS: tuple[Field, ...] = (
     Field("train_file", None, str, "Training data: a .csv, .json or .jsonl file.", "data"),
     Field("validation_file", None, str, "Evaluation data: a .csv, .json or .jsonl file.", "data"),
     Field("test_file", None, str, "Prediction data: a .csv, .json or .jsonl file.", "data"),
-    Field("text_column", None, str, "Column with the documents (default: the first column).",
+    Field("text_column", None, str, "Column with the documents (if None: the first column).",
           "data"),
-    Field("summary_column", None, str, "Column with the summaries (default: the second column).",
+    Field("summary_column", None, str, "Column with the summaries (if None: the second column).",
           "data"),
     Field("source_prefix", "", str, "Text put before every document, e.g. 'summarize: '.", "data"),
     Field("max_source_length", 1024, int, "Documents are truncated to this many tokens.", "data"),
     Field("max_target_length", 128, int, "Training summaries are truncated to this many tokens.",
           "data"),
     Field("val_max_target_length", None, int, "Summary length for eval/predict and generation "
-          "(default: max_target_length).", "data"),
+          "(if None: max_target_length).", "data"),
     Field("max_train_samples", None, int, "Use only the first N training examples.", "data"),
     Field("max_eval_samples", None, int, "Use only the first N evaluation examples.", "data"),
     Field("max_predict_samples", None, int, "Use only the first N prediction examples.", "data"),
@@ -100,7 +100,7 @@ FIELDS: tuple[Field, ...] = (
           "with fast decoding).", "generate"),
     # Step-based logging, evaluation and saving.
     Field("logging_steps", 500, int, "Log train loss every N updates.", "log"),
-    Field("eval_steps", None, int, "Evaluate every N updates (default: only at the end).", "log"),
+    Field("eval_steps", None, int, "Evaluate every N updates (if None: only at the end).", "log"),
     Field("save_steps", 500, int, "Save a checkpoint every N updates.", "log"),
     # Not available yet: accepted so seed commands parse, refused with a clear message.
     Field("resume_from_checkpoint", None, str, "Resume from this checkpoint (not available "

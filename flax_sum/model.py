@@ -1,0 +1,507 @@
+"""T5 in Flax linen, equivalent to Hugging Face's `T5ForConditionalGeneration`.
+
+Parameter names follow Hugging Face's so the checkpoint mapping is mechanical, e.g.
+`encoder/block_0/layer_0/SelfAttention/q/kernel` holds the transpose of
+`encoder.block.0.layer.0.SelfAttention.q.weight`. Every layer norm scale lives under a path
+component containing `layer_norm` (`.../layer_norm/scale`, `encoder/final_layer_norm/scale`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import os
+from typing import Any, Callable, Mapping
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from flax_sum.errors import UserError
+
+Array = jax.Array
+
+_ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
+    "relu": nn.relu,
+    "gelu": lambda x: nn.gelu(x, approximate=False),
+    "gelu_new": lambda x: nn.gelu(x, approximate=True),
+    "silu": nn.silu,
+}
+
+# Hugging Face config keys derived from others, or describing the saved file rather than the
+# model; they are recomputed by `to_hf_dict` instead of being carried over in `extra`.
+_DERIVED_HF_KEYS = frozenset({
+    "dense_act_fn", "is_gated_act", "scale_decoder_outputs", "transformers_version",
+    "_name_or_path", "torch_dtype", "dtype", "architectures", "model_type", "is_encoder_decoder",
+})
+
+
+@dataclasses.dataclass(frozen=True)
+class T5Config:
+  """The Hugging Face T5 fields the model needs, plus the compute dtype."""
+  vocab_size: int = 32128
+  d_model: int = 512
+  d_kv: int = 64
+  d_ff: int = 2048
+  num_layers: int = 6
+  num_decoder_layers: int | None = None  # None: same as num_layers (Hugging Face semantics).
+  num_heads: int = 8
+  relative_attention_num_buckets: int = 32
+  relative_attention_max_distance: int = 128
+  dropout_rate: float = 0.1
+  layer_norm_epsilon: float = 1e-6
+  feed_forward_proj: str = "relu"
+  tie_word_embeddings: bool = True
+  pad_token_id: int = 0
+  eos_token_id: int = 1
+  decoder_start_token_id: int = 0
+  initializer_factor: float = 1.0
+  dtype: Any = jnp.float32
+  # Other keys of the original config.json (e.g. task_specific_params), written back on save.
+  extra: Mapping[str, Any] = dataclasses.field(default_factory=dict, compare=False, hash=False)
+
+  def __post_init__(self):
+    if self.num_decoder_layers is None:
+      object.__setattr__(self, "num_decoder_layers", self.num_layers)
+    object.__setattr__(self, "dtype", jnp.dtype(self.dtype))
+    parts = self.feed_forward_proj.split("-")
+    if (len(parts) > 2 or (len(parts) == 2 and parts[0] != "gated")
+        or self.dense_act_fn not in _ACTIVATIONS):
+      raise UserError(
+          f"feed_forward_proj {self.feed_forward_proj!r} is not supported: use 'relu' (T5 v1.0), "
+          "'gated-gelu' (T5 v1.1, flan-t5), 'gated-relu', 'gated-silu', 'gelu' or 'silu'")
+
+  @property
+  def is_gated_act(self) -> bool:
+    return self.feed_forward_proj.startswith("gated-")
+
+  @property
+  def dense_act_fn(self) -> str:
+    # Hugging Face maps 'gated-gelu' to the tanh approximation for backwards compatibility.
+    if self.feed_forward_proj == "gated-gelu":
+      return "gelu_new"
+    return self.feed_forward_proj.split("-")[-1]
+
+  @classmethod
+  def from_hf_dict(cls, hf_dict: Mapping[str, Any], **overrides: Any) -> "T5Config":
+    """Builds a config from a Hugging Face config.json dict; unknown keys go to `extra`."""
+    fields = {f.name for f in dataclasses.fields(cls)} - {"dtype", "extra"}
+    kwargs = {k: hf_dict[k] for k in fields if k in hf_dict and hf_dict[k] is not None}
+    # transformers 5 always writes tie_word_embeddings=true and records an untied (T5 v1.1)
+    # head as scale_decoder_outputs=false.
+    kwargs["tie_word_embeddings"] = (hf_dict.get("tie_word_embeddings", True) is not False
+                                     and hf_dict.get("scale_decoder_outputs", True) is not False)
+    if isinstance(kwargs.get("eos_token_id"), (list, tuple)):
+      kwargs["eos_token_id"] = kwargs["eos_token_id"][0]
+    if hf_dict.get("model_type", "t5") != "t5":
+      raise UserError(f"model_type {hf_dict['model_type']!r} is not supported: only T5 models "
+                      "(model_type 't5') can be trained")
+    extra = {k: v for k, v in hf_dict.items() if k not in fields and k not in _DERIVED_HF_KEYS}
+    kwargs.update(overrides)
+    return cls(**kwargs, extra=extra)
+
+  @classmethod
+  def from_pretrained_json(cls, path: str | os.PathLike, **overrides: Any) -> "T5Config":
+    """Reads a Hugging Face config.json, given as the file or its directory."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+      path = os.path.join(path, "config.json")
+    try:
+      with open(path, encoding="utf-8") as f:
+        hf_dict = json.load(f)
+    except FileNotFoundError:
+      raise UserError(f"no T5 config at {path}: expected a config.json file or a directory "
+                      "holding one") from None
+    except (OSError, json.JSONDecodeError) as e:
+      raise UserError(f"cannot read the T5 config {path}: {e}") from None
+    return cls.from_hf_dict(hf_dict, **overrides)
+
+  def to_hf_dict(self) -> dict[str, Any]:
+    """The config.json dict that transformers' `T5Config` reads back with the same fields."""
+    hf_dict = dict(self.extra)
+    hf_dict.update(
+        model_type="t5",
+        architectures=["T5ForConditionalGeneration"],
+        is_encoder_decoder=True,
+        vocab_size=self.vocab_size,
+        d_model=self.d_model,
+        d_kv=self.d_kv,
+        d_ff=self.d_ff,
+        num_layers=self.num_layers,
+        num_decoder_layers=self.num_decoder_layers,
+        num_heads=self.num_heads,
+        relative_attention_num_buckets=self.relative_attention_num_buckets,
+        relative_attention_max_distance=self.relative_attention_max_distance,
+        dropout_rate=self.dropout_rate,
+        layer_norm_epsilon=self.layer_norm_epsilon,
+        feed_forward_proj=self.feed_forward_proj,
+        dense_act_fn=self.dense_act_fn,
+        is_gated_act=self.is_gated_act,
+        tie_word_embeddings=self.tie_word_embeddings,
+        # transformers 5 keys the d_model**-0.5 output scaling on this.
+        scale_decoder_outputs=self.tie_word_embeddings,
+        pad_token_id=self.pad_token_id,
+        eos_token_id=self.eos_token_id,
+        decoder_start_token_id=self.decoder_start_token_id,
+        initializer_factor=self.initializer_factor,
+    )
+    return dict(sorted(hf_dict.items()))
+
+
+def relative_position_bucket(relative_position: Array, bidirectional: bool, num_buckets: int,
+                             max_distance: int) -> Array:
+  """Maps key_position - query_position to T5's buckets: exact near 0, logarithmic further out."""
+  buckets = jnp.zeros_like(relative_position)
+  if bidirectional:
+    num_buckets //= 2
+    buckets += (relative_position > 0).astype(relative_position.dtype) * num_buckets
+    distance = jnp.abs(relative_position)
+  else:
+    distance = -jnp.minimum(relative_position, 0)
+  max_exact = num_buckets // 2
+  # The clamp keeps log() finite where the exact branch is selected anyway.
+  log_ratio = (jnp.log(jnp.maximum(distance, max_exact).astype(jnp.float32) / max_exact)
+               / math.log(max_distance / max_exact))
+  if_large = max_exact + (log_ratio * (num_buckets - max_exact)).astype(relative_position.dtype)
+  if_large = jnp.minimum(if_large, num_buckets - 1)
+  return buckets + jnp.where(distance < max_exact, distance, if_large)
+
+
+def init_stddev(config: T5Config, module_name: str) -> float:
+  """The standard deviation of a weight's normal init, as in Hugging Face's `_init_weights`."""
+  d_model, inner_dim = config.d_model, config.num_heads * config.d_kv
+  return config.initializer_factor * {
+      "shared": 1.0, "lm_head": 1.0,
+      "q": (d_model * config.d_kv)**-0.5, "k": d_model**-0.5, "v": d_model**-0.5,
+      "o": inner_dim**-0.5, "relative_attention_bias": d_model**-0.5,
+      "wi": d_model**-0.5, "wi_0": d_model**-0.5, "wi_1": d_model**-0.5,
+      "wo": config.d_ff**-0.5,
+  }[module_name]
+
+
+def _normal_init(config: T5Config, module_name: str) -> nn.initializers.Initializer:
+  return nn.initializers.normal(stddev=init_stddev(config, module_name))
+
+
+class T5LayerNorm(nn.Module):
+  """RMS norm: no mean subtraction and no bias; statistics in float32."""
+  epsilon: float
+  dtype: Any
+  scale_init: float = 1.0
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    scale = self.param("scale", nn.initializers.constant(self.scale_init), (x.shape[-1],),
+                       jnp.float32)
+    x = x.astype(jnp.float32)
+    x = x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + self.epsilon)
+    return (x * scale).astype(self.dtype)
+
+
+class T5Attention(nn.Module):
+  """Multi-head attention without 1/sqrt(d_kv) scaling, with T5's relative position bias.
+
+  Self-attention when `kv_source` is None, else attention over `kv_source` (the encoder output).
+  With `decode=True` the module keeps a 'cache' collection: the first call (cache absent) sizes it
+  from the full-length input; every later call processes one new token.
+  """
+  config: T5Config
+  causal: bool = False
+  has_relative_attention_bias: bool = False
+
+  def _dense(self, features: int, name: str) -> nn.Dense:
+    return nn.Dense(features, use_bias=False, kernel_init=_normal_init(self.config, name),
+                    dtype=self.config.dtype, name=name)
+
+  def _relative_bias(self, query_length: int, key_length: int, query_offset: Array | int) -> Array:
+    cfg = self.config
+    query_position = jnp.arange(query_length, dtype=jnp.int32)[:, None] + query_offset
+    key_position = jnp.arange(key_length, dtype=jnp.int32)[None, :]
+    buckets = relative_position_bucket(
+        key_position - query_position, bidirectional=not self.causal,
+        num_buckets=cfg.relative_attention_num_buckets,
+        max_distance=cfg.relative_attention_max_distance)
+    table = nn.Embed(cfg.relative_attention_num_buckets, cfg.num_heads,
+                     embedding_init=_normal_init(cfg, "relative_attention_bias"),
+                     name="relative_attention_bias")
+    return jnp.transpose(table(buckets), (2, 0, 1))[None]  # [1, heads, query, key], float32
+
+  @nn.compact
+  def __call__(self, x: Array, kv_source: Array | None = None, mask: Array | None = None,
+               position_bias: Array | None = None, deterministic: bool = True,
+               decode: bool = False) -> tuple[Array, Array | None]:
+    cfg = self.config
+    inner_dim = cfg.num_heads * cfg.d_kv
+    batch, length = x.shape[:2]
+    heads = lambda t: t.reshape(t.shape[:2] + (cfg.num_heads, cfg.d_kv))
+
+    query = heads(self._dense(inner_dim, "q")(x))
+    project_key = self._dense(inner_dim, "k")
+    project_value = self._dense(inner_dim, "v")
+    query_offset = 0
+
+    if kv_source is not None:
+      if decode and self.has_variable("cache", "cached_key"):
+        # The encoder's keys/values were stored when the cache was created.
+        key = self.get_variable("cache", "cached_key")
+        value = self.get_variable("cache", "cached_value")
+      else:
+        key = heads(project_key(kv_source))
+        value = heads(project_value(kv_source))
+        if decode:
+          self.variable("cache", "cached_key", lambda: key)
+          self.variable("cache", "cached_value", lambda: value)
+    else:
+      key = heads(project_key(x))
+      value = heads(project_value(x))
+      if decode:
+        is_initialized = self.has_variable("cache", "cached_key")
+        cached_key = self.variable("cache", "cached_key", jnp.zeros, key.shape, key.dtype)
+        cached_value = self.variable("cache", "cached_value", jnp.zeros, value.shape, value.dtype)
+        cache_index = self.variable("cache", "cache_index", lambda: jnp.array(0, jnp.int32))
+        if is_initialized:
+          if length != 1:
+            raise ValueError(f"a cached decoding step takes one token per call, got {length}")
+          index = cache_index.value
+          key = jax.lax.dynamic_update_slice(cached_key.value, key.astype(cached_key.value.dtype),
+                                             (0, index, 0, 0))
+          value = jax.lax.dynamic_update_slice(
+              cached_value.value, value.astype(cached_value.value.dtype), (0, index, 0, 0))
+          cached_key.value, cached_value.value = key, value
+          cache_index.value = index + 1
+          query_offset = index
+          # Attend to the tokens decoded so far; the causal/padding mask passed in is ignored.
+          mask = (jnp.arange(key.shape[1]) <= index)[None, None, None, :]
+
+    if position_bias is None and self.has_relative_attention_bias:
+      position_bias = self._relative_bias(length, key.shape[1], query_offset)
+
+    scores = jnp.einsum("bqhd,bkhd->bhqk", query, key, preferred_element_type=jnp.float32)
+    if position_bias is not None:
+      scores = scores + position_bias
+    if mask is not None:
+      scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1)
+    probs = nn.Dropout(cfg.dropout_rate)(probs, deterministic=deterministic)
+    out = jnp.einsum("bhqk,bkhd->bqhd", probs.astype(cfg.dtype), value.astype(cfg.dtype))
+    out = out.reshape(batch, length, inner_dim)
+    out = self._dense(cfg.d_model, "o")(out)
+    return out, position_bias
+
+
+class T5DenseReluDense(nn.Module):
+  """The feed-forward block: act(x wi) wo, or act(x wi_0) * (x wi_1) wo when gated."""
+  config: T5Config
+
+  @nn.compact
+  def __call__(self, x: Array, deterministic: bool) -> Array:
+    cfg = self.config
+    dense = lambda features, name: nn.Dense(
+        features, use_bias=False, kernel_init=_normal_init(cfg, name), dtype=cfg.dtype, name=name)
+    activation = _ACTIVATIONS[cfg.dense_act_fn]
+    if cfg.is_gated_act:
+      h = activation(dense(cfg.d_ff, "wi_0")(x)) * dense(cfg.d_ff, "wi_1")(x)
+    else:
+      h = activation(dense(cfg.d_ff, "wi")(x))
+    h = nn.Dropout(cfg.dropout_rate)(h, deterministic=deterministic)
+    return dense(cfg.d_model, "wo")(h)
+
+
+def _layer_norm(config: T5Config, name: str) -> T5LayerNorm:
+  return T5LayerNorm(config.layer_norm_epsilon, config.dtype,
+                     scale_init=config.initializer_factor, name=name)
+
+
+class T5Block(nn.Module):
+  """Pre-norm residual sublayers: self-attention, cross-attention (decoder), feed-forward."""
+  config: T5Config
+  is_decoder: bool
+  has_relative_attention_bias: bool
+
+  @nn.compact
+  def __call__(self, x: Array, mask: Array | None, position_bias: Array | None,
+               encoded: Array | None, encoder_mask: Array | None, deterministic: bool,
+               decode: bool) -> tuple[Array, Array]:
+    cfg = self.config
+    x, position_bias = _SelfAttentionLayer(
+        cfg, self.is_decoder, self.has_relative_attention_bias, name="layer_0")(
+            x, mask, position_bias, deterministic, decode)
+    if self.is_decoder:
+      x = _CrossAttentionLayer(cfg, name="layer_1")(x, encoded, encoder_mask, deterministic,
+                                                    decode)
+    x = _FeedForwardLayer(cfg, name="layer_2" if self.is_decoder else "layer_1")(x, deterministic)
+    return x, position_bias
+
+
+class _SelfAttentionLayer(nn.Module):
+  config: T5Config
+  causal: bool
+  has_relative_attention_bias: bool
+
+  @nn.compact
+  def __call__(self, x: Array, mask: Array | None, position_bias: Array | None,
+               deterministic: bool, decode: bool) -> tuple[Array, Array | None]:
+    cfg = self.config
+    normed = _layer_norm(cfg, "layer_norm")(x)
+    out, position_bias = T5Attention(cfg, self.causal, self.has_relative_attention_bias,
+                                     name="SelfAttention")(
+        normed, mask=mask, position_bias=position_bias, deterministic=deterministic,
+        decode=decode)
+    return x + nn.Dropout(cfg.dropout_rate)(out, deterministic=deterministic), position_bias
+
+
+class _CrossAttentionLayer(nn.Module):
+  config: T5Config
+
+  @nn.compact
+  def __call__(self, x: Array, encoded: Array, encoder_mask: Array, deterministic: bool,
+               decode: bool) -> Array:
+    cfg = self.config
+    normed = _layer_norm(cfg, "layer_norm")(x)
+    out, _ = T5Attention(cfg, name="EncDecAttention")(
+        normed, kv_source=encoded, mask=encoder_mask, deterministic=deterministic, decode=decode)
+    return x + nn.Dropout(cfg.dropout_rate)(out, deterministic=deterministic)
+
+
+class _FeedForwardLayer(nn.Module):
+  config: T5Config
+
+  @nn.compact
+  def __call__(self, x: Array, deterministic: bool) -> Array:
+    cfg = self.config
+    normed = _layer_norm(cfg, "layer_norm")(x)
+    out = T5DenseReluDense(cfg, name="DenseReluDense")(normed, deterministic)
+    return x + nn.Dropout(cfg.dropout_rate)(out, deterministic=deterministic)
+
+
+class T5Stack(nn.Module):
+  """The encoder or the decoder: embedding dropout, blocks, final layer norm and dropout."""
+  config: T5Config
+  is_decoder: bool
+
+  @nn.compact
+  def __call__(self, embedded: Array, mask: Array | None, encoded: Array | None = None,
+               encoder_mask: Array | None = None, deterministic: bool = True,
+               decode: bool = False) -> Array:
+    cfg = self.config
+    num_layers = cfg.num_decoder_layers if self.is_decoder else cfg.num_layers
+    x = nn.Dropout(cfg.dropout_rate)(embedded, deterministic=deterministic)
+    position_bias = None  # Computed by the first block, shared by the others.
+    for i in range(num_layers):
+      x, position_bias = T5Block(cfg, self.is_decoder, has_relative_attention_bias=i == 0,
+                                 name=f"block_{i}")(
+          x, mask, position_bias, encoded, encoder_mask, deterministic, decode)
+    x = _layer_norm(cfg, "final_layer_norm")(x)
+    return nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
+
+
+class LMHead(nn.Module):
+  """The untied output projection; logits accumulate in float32."""
+  config: T5Config
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    cfg = self.config
+    kernel = self.param("kernel", _normal_init(cfg, "lm_head"), (cfg.d_model, cfg.vocab_size),
+                        jnp.float32)
+    return jnp.einsum("btd,dv->btv", x, kernel.astype(cfg.dtype),
+                      preferred_element_type=jnp.float32)
+
+
+class T5(nn.Module):
+  """T5 encoder-decoder with a language-modelling head, as T5ForConditionalGeneration."""
+  config: T5Config
+
+  def setup(self):
+    cfg = self.config
+    self.shared = nn.Embed(cfg.vocab_size, cfg.d_model,
+                           embedding_init=_normal_init(cfg, "shared"), dtype=cfg.dtype)
+    self.encoder = T5Stack(cfg, is_decoder=False)
+    self.decoder = T5Stack(cfg, is_decoder=True)
+    if not cfg.tie_word_embeddings:
+      self.lm_head = LMHead(cfg)
+
+  def __call__(self, input_ids: Array, attention_mask: Array, decoder_input_ids: Array,
+               decoder_attention_mask: Array | None = None, deterministic: bool = True,
+               decode: bool = False) -> Array:
+    """Logits [batch, target_length, vocab] in float32 (teacher forcing)."""
+    encoded = self.encode(input_ids, attention_mask, deterministic=deterministic)
+    return self.decode(encoded, attention_mask, decoder_input_ids, decoder_attention_mask,
+                       deterministic=deterministic, decode=decode)
+
+  def encode(self, input_ids: Array, attention_mask: Array, deterministic: bool = True) -> Array:
+    """Encoder hidden states [batch, source_length, d_model] in the compute dtype."""
+    mask = attention_mask[:, None, None, :].astype(bool)
+    return self.encoder(self.shared(input_ids), mask, deterministic=deterministic)
+
+  def decode(self, encoded: Array, attention_mask: Array, decoder_input_ids: Array,
+             decoder_attention_mask: Array | None = None, deterministic: bool = True,
+             decode: bool = False) -> Array:
+    """Decoder logits in float32.
+
+    With `decode=True` and no 'cache' yet, creates the cache (sized by decoder_input_ids'
+    length, holding the encoder keys/values of `encoded`) and returns full-sequence logits;
+    with the cache present, decodes one token [batch, 1] and returns logits [batch, 1, vocab].
+    Build the cache with `init_decode_cache` from the real encoder output: a cache made by
+    `model.init` on dummy inputs holds the dummy's encoder keys/values.
+    """
+    cfg = self.config
+    length = decoder_input_ids.shape[1]
+    mask = jnp.tril(jnp.ones((length, length), dtype=bool))[None, None]
+    if decoder_attention_mask is not None:
+      mask = mask & decoder_attention_mask[:, None, None, :].astype(bool)
+    encoder_mask = attention_mask[:, None, None, :].astype(bool)
+    x = self.decoder(self.shared(decoder_input_ids), mask, encoded, encoder_mask,
+                     deterministic=deterministic, decode=decode)
+    if cfg.tie_word_embeddings:
+      x = x * jnp.asarray(cfg.d_model**-0.5, x.dtype)
+      return jnp.einsum("btd,vd->btv", x, self.shared.embedding.astype(cfg.dtype),
+                        preferred_element_type=jnp.float32)
+    return self.lm_head(x)
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _standard_normal(rng: Array, size: int) -> Array:
+  return jax.random.normal(rng, (size,), jnp.float32)
+
+
+def init_params(config: T5Config, rng: Array) -> Any:
+  """Freshly initialised float32 parameters with Hugging Face's T5 init statistics.
+
+  Equivalent to `T5(config).init(...)["params"]` in distribution, but draws every weight from
+  one normal sample scaled by `init_stddev`: XLA compiles one random-number kernel instead of
+  one per weight, which takes seconds on CPU. Call it outside `jax.jit`.
+  """
+  dummy = jnp.ones((1, 1), jnp.int32)
+  shapes = jax.eval_shape(lambda: T5(config).init(rng, dummy, dummy, dummy)["params"])
+  leaves, treedef = jax.tree_util.tree_flatten_with_path(shapes)
+  is_scale = [path[-1].key == "scale" for path, _ in leaves]
+  sizes = [0 if scale else math.prod(leaf.shape) for scale, (_, leaf) in zip(is_scale, leaves)]
+  flat = np.asarray(_standard_normal(rng, sum(sizes)))
+  values, offset = [], 0
+  for scale, (path, leaf), size in zip(is_scale, leaves, sizes):
+    if scale:
+      values.append(np.full(leaf.shape, config.initializer_factor, np.float32))
+    else:
+      stddev = np.float32(init_stddev(config, path[-2].key))
+      values.append(flat[offset:offset + size].reshape(leaf.shape) * stddev)
+      offset += size
+  return jax.device_put(jax.tree_util.tree_unflatten(treedef, values))
+
+
+def init_decode_cache(model: T5, params: Any, encoded: Array, attention_mask: Array,
+                      max_length: int) -> Any:
+  """The 'cache' collection for decoding up to `max_length` tokens after the start token.
+
+  The cache holds the encoder keys/values of `encoded`, so build it from the real encoder
+  output. It runs a full-length decoder pass whose logits are discarded: under `jax.jit`
+  only the encoder key/value projections survive dead-code elimination.
+  """
+  batch = encoded.shape[0]
+  dummy_ids = jnp.zeros((batch, max_length), jnp.int32)
+  _, variables = model.apply({"params": params}, encoded, attention_mask, dummy_ids,
+                             decode=True, mutable=["cache"], method=T5.decode)
+  return variables["cache"]

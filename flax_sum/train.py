@@ -1,0 +1,335 @@
+"""Fine-tune and evaluate a T5 summarizer: `python -m flax_sum.train -h`.
+
+`train_and_evaluate(config, workdir)` reads top to bottom: data, model, the pmapped step loop
+with step-based logging, evaluation and checkpoints, then eval/predict and the result files.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import pathlib
+import sys
+import time
+from typing import Any, Iterator
+
+import jax
+import ml_collections
+import numpy as np
+from flax import jax_utils
+
+from flax_sum import checkpoints
+from flax_sum import cli
+from flax_sum import hf_checkpoint
+from flax_sum import input_pipeline
+from flax_sum import metrics as metrics_lib
+from flax_sum import optim
+from flax_sum import steps
+from flax_sum.errors import UserError
+from flax_sum.model import T5, T5Config, init_params
+
+log = logging.getLogger("flax_sum")
+
+MODEL_FILES = ("config.json", "model.safetensors")
+
+
+def first_replica(tree):
+  """Device 0's copy of a replicated tree, read without gathering every replica."""
+  return jax.tree.map(lambda x: np.asarray(x.addressable_shards[0].data)[0], tree)
+
+
+def write_json(path: pathlib.Path, payload: dict[str, Any]) -> None:
+  path.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
+
+
+def prepare_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Fills derived values and refuses what is not available yet, before any work is done."""
+  config = ml_collections.ConfigDict(config.to_dict())
+  if not (config.do_train or config.do_eval or config.do_predict):
+    raise UserError("nothing to do: pass --do_train, --do_eval and/or --do_predict")
+  if not config.output_dir:
+    raise UserError("no output directory: pass --output_dir DIR")
+  if config.val_max_target_length is None:
+    config.val_max_target_length = config.max_target_length
+  if config.resume_from_checkpoint:
+    raise UserError("--resume_from_checkpoint is not available yet in flax-sum (exact resume is "
+                    "coming with Orbax checkpoints); remove it to start a fresh run")
+  if config.push_to_hub or config.hub_model_id:
+    raise UserError("--push_to_hub/--hub_model_id are not available yet in flax-sum; remove them "
+                    "and upload output_dir with `hf upload` after training")
+  if config.fp16:
+    log.warning("--fp16: T5 overflows in float16, so flax-sum computes in bfloat16 instead "
+                "(same memory and speed on GPUs/TPUs that support it)")
+    config.dtype = "bfloat16"
+  if config.bf16:
+    config.dtype = "bfloat16"
+  if config.dtype not in ("float32", "bfloat16"):
+    raise UserError(f"--config.dtype={config.dtype!r} is not supported: use float32 or bfloat16")
+  if config.num_beams and config.num_beams > 1:
+    log.warning("--num_beams %d: beam search is not available yet; generating greedily",
+                config.num_beams)
+  for key in ("per_device_train_batch_size", "per_device_eval_batch_size",
+              "gradient_accumulation_steps", "max_source_length", "max_target_length",
+              "val_max_target_length"):
+    if config[key] < 1:
+      raise UserError(f"--{key} must be at least 1, got {config[key]}")
+  return config
+
+
+def prepare_output_dir(config) -> pathlib.Path:
+  """Creates output_dir; refuses to write a training run over one that holds another run."""
+  output_dir = pathlib.Path(config.output_dir)
+  if output_dir.exists() and not output_dir.is_dir():
+    raise UserError(f"--output_dir {output_dir} is a file: choose a directory")
+  if config.do_train and output_dir.is_dir() and any(output_dir.iterdir()):
+    if checkpoints.saved_steps(output_dir) and not config.overwrite_output_dir:
+      raise UserError(f"--output_dir {output_dir} holds checkpoints of an earlier run and "
+                      "resuming is not available yet: pass --overwrite_output_dir to start "
+                      "fresh or choose another --output_dir")
+    if not config.overwrite_output_dir:
+      raise UserError(f"--output_dir {output_dir} is not empty: pass --overwrite_output_dir "
+                      "to write over it or choose another --output_dir")
+  output_dir.mkdir(parents=True, exist_ok=True)
+  return output_dir
+
+
+def load_model(config, output_dir: pathlib.Path, vocabulary_size: int):
+  """(T5Config, params): pretrained weights, a trained output_dir, or a random init."""
+  if config.model_name_or_path:
+    log.info("Loading model %s", config.model_name_or_path)
+    model_config, params = hf_checkpoint.load_pretrained(config.model_name_or_path,
+                                                         cache_dir=config.cache_dir)
+  elif not config.do_train and all((output_dir / name).is_file() for name in MODEL_FILES):
+    log.info("Loading the trained model in %s", output_dir)
+    model_config, params = hf_checkpoint.load_pretrained(str(output_dir))
+  elif config.config_name:
+    model_config = T5Config.from_pretrained_json(config.config_name)
+    if not config.do_train:
+      log.warning("No trained model found (no --model_name_or_path, nothing in %s): evaluating "
+                  "a randomly initialised model", output_dir)
+    params = init_params(model_config, jax.random.PRNGKey(config.seed))
+  else:
+    raise UserError("no model: pass --model_name_or_path (pretrained) or --config_name "
+                    "(a T5 config.json to train from scratch)")
+  if vocabulary_size > model_config.vocab_size:
+    raise UserError(f"the tokenizer has {vocabulary_size} tokens but the model only "
+                    f"{model_config.vocab_size}: pass a matching --tokenizer_name")
+  model_config = dataclasses.replace(model_config, dtype=config.dtype)
+  return model_config, params
+
+
+def repeat_epochs(dataset, config, global_batch: int) -> Iterator[dict[str, np.ndarray]]:
+  epoch = 0
+  while True:
+    yield from input_pipeline.train_batches(
+        dataset, seed=config.seed, epoch=epoch,
+        per_device_batch_size=config.per_device_train_batch_size
+        * config.gradient_accumulation_steps,
+        num_devices=jax.local_device_count(),
+        max_source_length=config.max_source_length,
+        max_target_length=config.max_target_length,
+        process_index=jax.process_index(), process_count=jax.process_count())
+    epoch += 1
+
+
+class Evaluator:
+  """Loss (and, with predict_with_generate, ROUGE) over every example of a split, once each."""
+
+  def __init__(self, config, model, tokenizer, p_eval_step, p_generate_step):
+    self.config = config
+    self.model = model
+    self.tokenizer = tokenizer
+    self.p_eval_step = p_eval_step
+    self.p_generate_step = p_generate_step
+
+  def __call__(self, params, dataset, references: list[str], prefix: str):
+    """Returns ({prefix_loss, ...}, predictions in dataset order or None)."""
+    config = self.config
+    sums = None
+    generated = [None] * len(dataset) if config.predict_with_generate else None
+    for batch in input_pipeline.eval_batches(
+        dataset, per_device_batch_size=config.per_device_eval_batch_size,
+        num_devices=jax.local_device_count(), max_source_length=config.max_source_length,
+        max_target_length=config.val_max_target_length,
+        process_index=jax.process_index(), process_count=jax.process_count()):
+      sums = metrics_lib.accumulate(sums, first_replica(self.p_eval_step(params, batch)))
+      if generated is not None:
+        tokens = np.asarray(self.p_generate_step(params, batch))
+        tokens = tokens.reshape(-1, tokens.shape[-1])
+        for row, index in zip(tokens, batch["example_index"].reshape(-1)):
+          if index >= 0:
+            generated[index] = row
+    results = {f"{prefix}_{name}": value for name, value in metrics_lib.finalize(sums).items()}
+    predictions = None
+    if generated is not None:
+      predictions = [text.strip().replace("\n", " ") for text in
+                     self.tokenizer.batch_decode(generated, skip_special_tokens=True)]
+      rouge = metrics_lib.compute_rouge(predictions, references)
+      results.update({f"{prefix}_{name}": value for name, value in rouge.items()})
+      results[f"{prefix}_gen_len"] = metrics_lib.mean_generation_length(generated)
+    results[f"{prefix}_samples"] = len(dataset)
+    return results, predictions
+
+
+class TrainLog:
+  """`train_log.jsonl` and the console: one record per logging step or evaluation."""
+
+  def __init__(self, path: pathlib.Path):
+    self.file = path.open("a")
+
+  def write(self, record: dict[str, Any]) -> None:
+    self.file.write(json.dumps(record) + "\n")
+    self.file.flush()
+    log.info("  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                       for k, v in record.items()))
+
+  def close(self):
+    self.file.close()
+
+
+def train(config, model, params, train_dataset, output_dir: pathlib.Path, evaluate_fn):
+  """The step loop. Returns (trained params, train_results)."""
+  global_batch = (config.per_device_train_batch_size * config.gradient_accumulation_steps
+                  * jax.device_count())
+  steps_per_epoch = input_pipeline.steps_per_epoch(len(train_dataset), global_batch)
+  if steps_per_epoch == 0:
+    raise UserError(f"the training data has {len(train_dataset)} examples, fewer than one "
+                    f"global batch of {global_batch}: lower --per_device_train_batch_size")
+  total_steps = (config.max_steps if config.max_steps > 0
+                 else math.ceil(config.num_train_epochs * steps_per_epoch))
+  log.info("Training %d steps (%.2f epochs of %d examples), global batch %d on %d devices",
+           total_steps, total_steps / steps_per_epoch, len(train_dataset), global_batch,
+           jax.device_count())
+
+  learning_rate_fn = optim.create_learning_rate_schedule(config, total_steps)
+  state = steps.TrainState.create(apply_fn=model.apply, params=params,
+                                  tx=optim.create_optimizer(config, learning_rate_fn))
+  state = jax_utils.replicate(state)
+  p_train_step = steps.pmap_train_step(learning_rate_fn, config)
+  dropout_rng = jax.random.PRNGKey(config.seed + 1)
+  manager = checkpoints.create_manager(output_dir)
+  train_log = TrainLog(output_dir / "train_log.jsonl")
+
+  batches = repeat_epochs(train_dataset, config, global_batch)
+  pending: list[dict[str, jax.Array]] = []
+  run_sums = None
+  interval_tokens = 0
+  interval_start = train_start = time.time()
+  for step in range(1, total_steps + 1):
+    batch = next(batches)
+    interval_tokens += int(batch["attention_mask"].sum() + batch["decoder_attention_mask"].sum())
+    state, step_metrics = p_train_step(state, batch, dropout_rng)
+    pending.append(step_metrics)
+    is_last = step == total_steps
+    if step % config.logging_steps == 0 or is_last:
+      # The only host-device synchronisation of the loop.
+      host_metrics = [first_replica(m) for m in pending]
+      interval = None
+      for m in host_metrics:
+        interval = metrics_lib.accumulate(interval, {"loss": m["loss"],
+                                                     "denominator": m["denominator"]})
+      run_sums = metrics_lib.accumulate(run_sums, interval)
+      elapsed = time.time() - interval_start
+      train_log.write({"step": step, "loss": metrics_lib.finalize(interval)["loss"],
+                       "learning_rate": float(host_metrics[-1]["learning_rate"]),
+                       "grad_norm": float(host_metrics[-1]["grad_norm"]),
+                       "tokens_per_second": interval_tokens / elapsed,
+                       "epoch": round(step / steps_per_epoch, 4)})
+      pending, interval_tokens, interval_start = [], 0, time.time()
+    if config.eval_steps and step % config.eval_steps == 0 and not is_last:
+      if evaluate_fn is not None:
+        train_log.write({"step": step, **evaluate_fn(state.params)})
+      interval_start = time.time()
+    if (config.save_steps and step % config.save_steps == 0) or is_last:
+      checkpoints.save(manager, step, first_replica(state))
+  train_runtime = time.time() - train_start
+  manager.wait_until_finished()
+  manager.close()
+  train_log.close()
+
+  train_results = {
+      "train_loss": metrics_lib.finalize(run_sums)["loss"],
+      "train_runtime": round(train_runtime, 4),
+      "train_samples": len(train_dataset),
+      "train_samples_per_second": round(total_steps * global_batch / train_runtime, 3),
+      "train_steps_per_second": round(total_steps / train_runtime, 3),
+      "epoch": round(total_steps / steps_per_epoch, 4),
+  }
+  return first_replica(state.params), train_results
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None = None):
+  """Runs the modes the config turns on and writes every result into output_dir."""
+  if workdir is not None:
+    config = ml_collections.ConfigDict(config.to_dict())
+    config.output_dir = workdir
+  config = prepare_config(config)
+  output_dir = prepare_output_dir(config)
+  log.info("JAX %s on %d %s device(s); output_dir %s", jax.__version__, jax.device_count(),
+           jax.default_backend(), output_dir)
+
+  tokenizer = input_pipeline.load_tokenizer(config)
+  raw_datasets = input_pipeline.load_raw_datasets(config)
+  datasets = input_pipeline.tokenize_datasets(raw_datasets, tokenizer, config)
+  model_config, params = load_model(config, output_dir, len(tokenizer))
+  model = T5(model_config)
+  if config.do_train:
+    write_json(output_dir / "run_config.json", cli.config_to_dict(config))
+
+  p_eval_step, p_generate_step = steps.pmap_eval_steps(model, config)
+  evaluator = Evaluator(config, model, tokenizer, p_eval_step, p_generate_step)
+  validation_references = (input_pipeline.references(raw_datasets["validation"], config)
+                           if "validation" in raw_datasets else None)
+
+  def evaluate_validation(replicated_params):
+    results, _ = evaluator(replicated_params, datasets["validation"], validation_references,
+                           "eval")
+    return results
+
+  all_results: dict[str, Any] = {}
+  if config.do_train:
+    params, train_results = train(config, model, params, datasets["train"], output_dir,
+                                  evaluate_validation if config.do_eval else None)
+    hf_checkpoint.save_pretrained(output_dir, dataclasses.replace(model_config, dtype="float32"), params,
+                                  tokenizer)
+    write_json(output_dir / "train_results.json", train_results)
+    all_results.update(train_results)
+    log.info("Saved the model to %s", output_dir)
+
+  replicated_params = jax_utils.replicate(params)
+  if config.do_eval:
+    eval_results = evaluate_validation(replicated_params)
+    write_json(output_dir / "eval_results.json", eval_results)
+    all_results.update(eval_results)
+    log.info("eval: %s", json.dumps(eval_results))
+  if config.do_predict:
+    predict_results, predictions = evaluator(
+        replicated_params, datasets["test"],
+        input_pipeline.references(raw_datasets["test"], config), "predict")
+    write_json(output_dir / "predict_results.json", predict_results)
+    all_results.update(predict_results)
+    if predictions is not None:
+      (output_dir / "generated_predictions.txt").write_text("\n".join(predictions) + "\n")
+    log.info("predict: %s", json.dumps(predict_results))
+  write_json(output_dir / "all_results.json", all_results)
+  return all_results
+
+
+def main(argv: list[str] | None = None) -> int:
+  logging.basicConfig(level=logging.INFO, format="[%(asctime)s] %(message)s",
+                      datefmt="%H:%M:%S", stream=sys.stdout, force=True)
+  for noisy in ("absl", "jax", "orbax", "datasets", "transformers", "urllib3", "httpx"):
+    logging.getLogger(noisy).setLevel(logging.WARNING)
+  try:
+    config = cli.parse_args(sys.argv[1:] if argv is None else argv)
+    train_and_evaluate(config)
+  except UserError as error:
+    print(f"error: {error}", file=sys.stderr)
+    return 2
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,150 @@
+"""Cached greedy decoding must equal recomputing the whole decoder for every new token."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from flax_sum.decode import greedy_generate, greedy_search
+from flax_sum.model import T5, T5Config, init_decode_cache, init_params
+
+BATCH, SOURCE_LENGTH, MAX_LENGTH, VOCAB = 16, 9, 14, 64
+
+
+def tiny_config(feed_forward_proj: str, tied: bool) -> T5Config:
+  # max_distance < MAX_LENGTH so decoding also crosses into the logarithmic buckets.
+  return T5Config(vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=48, num_layers=2,
+                  num_decoder_layers=2, num_heads=4, relative_attention_num_buckets=8,
+                  relative_attention_max_distance=10, feed_forward_proj=feed_forward_proj,
+                  tie_word_embeddings=tied)
+
+
+def inputs():
+  rng = np.random.default_rng(0)
+  input_ids = rng.integers(2, VOCAB, (BATCH, SOURCE_LENGTH)).astype(np.int32)
+  mask = np.ones_like(input_ids)
+  for row in range(0, BATCH, 3):
+    mask[row, SOURCE_LENGTH - 1 - row % 5:] = 0
+  return input_ids * mask, mask
+
+
+def uncached_greedy(model: T5, params, input_ids, mask) -> np.ndarray:
+  """Argmax of a full teacher-forced decoder pass per step, never stopping at EOS."""
+  logits_fn = jax.jit(lambda decoder_ids: model.apply({"params": params}, input_ids, mask,
+                                                      decoder_ids))
+  decoder_ids = np.full((BATCH, MAX_LENGTH), model.config.pad_token_id, np.int32)
+  decoder_ids[:, 0] = model.config.decoder_start_token_id
+  tokens = np.zeros((BATCH, MAX_LENGTH), np.int32)
+  for step in range(MAX_LENGTH):
+    tokens[:, step] = np.argmax(logits_fn(decoder_ids)[:, step], axis=-1)
+    if step + 1 < MAX_LENGTH:
+      decoder_ids[:, step + 1] = tokens[:, step]
+  return tokens
+
+
+def cut_after_eos(tokens: np.ndarray, eos: int, pad: int) -> np.ndarray:
+  tokens = tokens.copy()
+  for row in tokens:
+    hits = np.flatnonzero(row == eos)
+    if hits.size:
+      row[hits[0] + 1:] = pad
+  return tokens
+
+
+def pick_eos(tokens: np.ndarray) -> int:
+  """A token that ends some rows early and never appears in others."""
+  best, best_score = None, 0
+  for token in range(2, VOCAB):
+    first = [np.flatnonzero(row == token) for row in tokens]
+    early = sum(1 for hits in first if hits.size and hits[0] < MAX_LENGTH - 3)
+    absent = sum(1 for hits in first if not hits.size)
+    if early and absent and min(early, absent) > best_score:
+      best, best_score = token, min(early, absent)
+  assert best is not None, "no token ends some rows early; change the seed"
+  return best
+
+
+@pytest.fixture(scope="module", params=[("relu", True), ("gated-gelu", False)],
+                ids=["relu-tied", "gated-gelu-untied"])
+def setup(request):
+  config = tiny_config(*request.param)
+  params = init_params(config, jax.random.key(3))
+  input_ids, mask = inputs()
+  raw = uncached_greedy(T5(config), params, input_ids, mask)
+  eos = pick_eos(raw)
+  model = T5(dataclasses.replace(config, eos_token_id=eos))
+  return model, params, input_ids, mask, cut_after_eos(raw, eos, config.pad_token_id)
+
+
+def test_cached_equals_uncached_under_jit(setup):
+  model, params, input_ids, mask, expected = setup
+  generate = jax.jit(lambda p, i, m: greedy_generate(model, p, i, m, MAX_LENGTH))
+  tokens = np.asarray(generate(params, input_ids, mask))
+  assert tokens.dtype == np.int32 and tokens.shape == (BATCH, MAX_LENGTH)
+  eos = model.config.eos_token_id
+  finished_early = [(row == eos).any() and np.flatnonzero(row == eos)[0] < MAX_LENGTH - 3
+                    for row in expected]
+  assert any(finished_early) and not all(finished_early)
+  np.testing.assert_array_equal(tokens, expected)
+
+
+def test_cached_equals_uncached_under_pmap(setup):
+  model, params, input_ids, mask, expected = setup
+  devices = jax.local_device_count()
+  assert devices == 8
+  replicated = jax.tree.map(lambda x: np.broadcast_to(x, (devices,) + x.shape), params)
+  shard = lambda x: x.reshape((devices, BATCH // devices) + x.shape[1:])
+  generate = jax.pmap(lambda p, i, m: greedy_generate(model, p, i, m, MAX_LENGTH))
+  tokens = np.asarray(generate(replicated, shard(input_ids), shard(mask)))
+  np.testing.assert_array_equal(tokens.reshape(BATCH, MAX_LENGTH), expected)
+
+
+@pytest.mark.parametrize("dtype,atol", [(jnp.float32, 1e-5), (jnp.bfloat16, 0.15)])
+def test_cached_steps_equal_full_pass_logits(setup, dtype, atol):
+  model, params, input_ids, mask, expected = setup
+  model = T5(dataclasses.replace(model.config, dtype=dtype))
+  start = np.full((BATCH, 1), model.config.decoder_start_token_id, np.int32)
+  decoder_ids = np.concatenate([start, expected[:, :-1]], axis=1)
+
+  @jax.jit
+  def full_and_stepwise(params):
+    variables = {"params": params}
+    encoded = model.apply(variables, input_ids, mask, method=T5.encode)
+    full = model.apply(variables, encoded, mask, decoder_ids, method=T5.decode)
+    cache = init_decode_cache(model, params, encoded, mask, MAX_LENGTH)
+
+    def step(cache, tokens):
+      logits, updated = model.apply({"params": params, "cache": cache}, encoded, mask,
+                                    tokens[:, None], decode=True, mutable=["cache"],
+                                    method=T5.decode)
+      return updated["cache"], logits[:, 0]
+
+    cache, stepwise = jax.lax.scan(step, cache, decoder_ids.T)
+    return full, jnp.swapaxes(stepwise, 0, 1), cache
+
+  full, stepwise, cache = full_and_stepwise(params)
+  assert stepwise.dtype == jnp.float32
+  np.testing.assert_allclose(stepwise, full, atol=atol, rtol=0)
+  index = cache["decoder"]["block_1"]["layer_0"]["SelfAttention"]["cache_index"]
+  assert int(index) == MAX_LENGTH
+
+
+def test_greedy_search_stops_when_all_rows_end():
+  eos, pad, vocab, calls = 1, 0, 8, []
+
+  def tokens_to_logits(tokens, step):
+    jax.debug.callback(lambda: calls.append(1))
+    # Row r emits token 2 + step until step r, where it emits EOS.
+    rows = jnp.arange(3)
+    next_tokens = jnp.where(rows == step, eos, 2 + step)
+    return jax.nn.one_hot(next_tokens, vocab) + 0 * tokens, step + 1
+
+  search = jax.jit(lambda: greedy_search(tokens_to_logits, jnp.array(0), 3, 10,
+                                         start_token_id=0, eos_token_id=eos, pad_token_id=pad))
+  tokens = np.asarray(search())
+  np.testing.assert_array_equal(tokens, [[1, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+                                         [2, 1, 0, 0, 0, 0, 0, 0, 0, 0],
+                                         [2, 3, 1, 0, 0, 0, 0, 0, 0, 0]])
+  assert len(calls) == 3

@@ -1,0 +1,242 @@
+"""Hugging Face checkpoints: exact round trips, strict name checks, config.json compatibility."""
+
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+import safetensors.numpy
+import transformers
+
+from flax_sum import config as config_lib
+from flax_sum import hf_checkpoint
+from flax_sum.errors import UserError
+from flax_sum.model import T5Config, init_params
+
+VARIANTS = {"relu-tied": ("relu", True), "gated-gelu-untied": ("gated-gelu", False)}
+
+
+def tiny_config(feed_forward_proj: str = "relu", tied: bool = True, **extra) -> T5Config:
+  return T5Config(vocab_size=100, d_model=16, d_kv=4, d_ff=32, num_layers=2,
+                  num_decoder_layers=3, num_heads=4, relative_attention_num_buckets=8,
+                  relative_attention_max_distance=16, feed_forward_proj=feed_forward_proj,
+                  tie_word_embeddings=tied, extra=extra)
+
+
+@pytest.fixture(scope="module", params=list(VARIANTS), ids=list(VARIANTS))
+def variant(request):
+  config = tiny_config(*VARIANTS[request.param],
+                       task_specific_params={"summarization": {"prefix": "summarize: "}})
+  return config, init_params(config, jax.random.key(0))
+
+
+def test_round_trip_is_exact(variant, tmp_path):
+  config, params = variant
+  hf_checkpoint.save_pretrained(str(tmp_path), config, params)
+  assert sorted(os.listdir(tmp_path)) == ["config.json", "model.safetensors"]
+  umask = os.umask(0)
+  os.umask(umask)
+  # Temp files are private; the saved model gets the usual permissions.
+  assert os.stat(tmp_path / "model.safetensors").st_mode & 0o777 == 0o666 & ~umask
+  loaded_config, loaded = hf_checkpoint.load_pretrained(str(tmp_path))
+  assert loaded_config == config
+  assert loaded_config.extra == dict(config.extra)
+  assert jax.tree.structure(loaded) == jax.tree.structure(params)
+  for original, restored in zip(jax.tree.leaves(params), jax.tree.leaves(loaded)):
+    assert restored.dtype == np.float32
+    np.testing.assert_array_equal(restored, original)
+
+
+def test_state_dict_names_and_layout(variant):
+  config, params = variant
+  tensors = hf_checkpoint.hf_state_dict_from_params(config, params)
+  q = tensors["encoder.block.1.layer.0.SelfAttention.q.weight"]
+  np.testing.assert_array_equal(
+      q, np.asarray(params["encoder"]["block_1"]["layer_0"]["SelfAttention"]["q"]["kernel"]).T)
+  assert q.flags["C_CONTIGUOUS"] and q.dtype == np.float32
+  assert tensors["encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"].shape \
+      == (8, 4)
+  assert "decoder.block.2.layer.1.EncDecAttention.o.weight" in tensors
+  assert "decoder.final_layer_norm.weight" in tensors
+  ff = "decoder.block.0.layer.2.DenseReluDense"
+  if config.is_gated_act:
+    assert f"{ff}.wi_0.weight" in tensors and f"{ff}.wi.weight" not in tensors
+  else:
+    assert f"{ff}.wi.weight" in tensors and f"{ff}.wi_0.weight" not in tensors
+  assert ("lm_head.weight" in tensors) == (not config.tie_word_embeddings)
+  assert "encoder.embed_tokens.weight" not in tensors
+  # 1 shared + 2 encoder blocks x 8 (+1 bias) + 3 decoder blocks x 13 (+1 bias) + 2 final norms.
+  ff_extra = 5 if config.is_gated_act else 0
+  assert len(tensors) == (1 + 17 + 40 + 2 + ff_extra + (0 if config.tie_word_embeddings else 1))
+
+  replicated = jax.tree.map(lambda x: np.broadcast_to(x, (8,) + x.shape), params)
+  with pytest.raises(ValueError, match="unreplicate"):
+    hf_checkpoint.hf_state_dict_from_params(config, replicated)
+
+
+def test_missing_and_unexpected_tensors_are_named():
+  config = tiny_config()
+  tensors = hf_checkpoint.hf_state_dict_from_params(config, init_params(config, jax.random.key(1)))
+  missing = dict(tensors)
+  del missing["decoder.block.1.layer.1.EncDecAttention.k.weight"]
+  with pytest.raises(UserError, match=r"missing tensors: decoder\.block\.1\.layer\.1\."
+                                      r"EncDecAttention\.k\.weight$"):
+    hf_checkpoint.params_from_hf_state_dict(config, missing)
+
+  extra = dict(tensors, **{"encoder.block.7.layer.0.SelfAttention.q.weight": np.zeros((16, 16))})
+  with pytest.raises(UserError, match=r"unexpected tensors: encoder\.block\.7\.layer\.0\."
+                                      r"SelfAttention\.q\.weight$"):
+    hf_checkpoint.params_from_hf_state_dict(config, extra)
+
+  wrong = dict(tensors, **{"shared.weight": np.zeros((99, 16), np.float32)})
+  with pytest.raises(UserError, match=r"wrong shapes: shared\.weight \(99, 16\)"):
+    hf_checkpoint.params_from_hf_state_dict(config, wrong)
+
+  # A gated checkpoint read with a relu config: long lists are abbreviated on one line.
+  gated = tiny_config("gated-gelu")
+  gated_tensors = hf_checkpoint.hf_state_dict_from_params(gated, init_params(gated,
+                                                                             jax.random.key(1)))
+  with pytest.raises(UserError) as error:
+    hf_checkpoint.params_from_hf_state_dict(config, gated_tensors)
+  message = str(error.value)
+  assert "\n" not in message and "(and 5 more)" in message
+  assert "DenseReluDense.wi.weight" in message and "DenseReluDense.wi_0.weight" in message
+
+
+def test_tied_aliases_are_accepted():
+  config = tiny_config()
+  params = init_params(config, jax.random.key(2))
+  tensors = hf_checkpoint.hf_state_dict_from_params(config, params)
+  shared = tensors.pop("shared.weight")
+  tensors.update({
+      "encoder.embed_tokens.weight": shared, "decoder.embed_tokens.weight": shared,
+      "lm_head.weight": shared,
+      "decoder.block.0.layer.1.EncDecAttention.relative_attention_bias.weight":
+          np.zeros((8, 4), np.float32),
+  })
+  loaded = hf_checkpoint.params_from_hf_state_dict(config, tensors)
+  np.testing.assert_array_equal(loaded["shared"]["embedding"], params["shared"]["embedding"])
+
+  tensors["lm_head.weight"] = shared + 1
+  with pytest.raises(UserError, match="tie_word_embeddings"):
+    hf_checkpoint.params_from_hf_state_dict(config, tensors)
+
+
+def test_config_json_reads_back_in_transformers(variant, tmp_path):
+  config, params = variant
+  hf_checkpoint.save_pretrained(str(tmp_path), config, params)
+  hf_config = transformers.T5Config.from_pretrained(str(tmp_path))
+  for field in ("vocab_size", "d_model", "d_kv", "d_ff", "num_layers", "num_decoder_layers",
+                "num_heads", "relative_attention_num_buckets", "relative_attention_max_distance",
+                "dropout_rate", "layer_norm_epsilon", "feed_forward_proj", "pad_token_id",
+                "eos_token_id", "decoder_start_token_id", "initializer_factor", "is_gated_act",
+                "dense_act_fn"):
+    assert getattr(hf_config, field) == getattr(config, field), field
+  # transformers 5 always ties and records the v1.1 head as scale_decoder_outputs=False.
+  assert hf_config.scale_decoder_outputs == config.tie_word_embeddings
+  assert hf_config.task_specific_params == {"summarization": {"prefix": "summarize: "}}
+  assert hf_config.architectures == ["T5ForConditionalGeneration"]
+  assert T5Config.from_hf_dict(hf_config.to_dict()) == config
+
+
+def test_bundled_t5_small_config_round_trips(tmp_path):
+  source = config_lib.ASSETS_DIR / "t5" / "t5-small-config.json"
+  config = T5Config.from_pretrained_json(source)
+  (tmp_path / "config.json").write_text(json.dumps(config.to_hf_dict()))
+  original = transformers.T5Config.from_pretrained(str(source)).to_dict()
+  rewritten = transformers.T5Config.from_pretrained(str(tmp_path)).to_dict()
+  for key in ("transformers_version", "_name_or_path", "dtype", "torch_dtype"):
+    original.pop(key, None)
+    rewritten.pop(key, None)
+  assert rewritten == original
+
+
+def test_sharded_checkpoint_loads(tmp_path):
+  config = tiny_config("gated-gelu", tied=False)
+  params = init_params(config, jax.random.key(3))
+  tensors = hf_checkpoint.hf_state_dict_from_params(config, params)
+  names = sorted(tensors)
+  shards = {"model-00001-of-00002.safetensors": names[:30],
+            "model-00002-of-00002.safetensors": names[30:]}
+  for shard, shard_names in shards.items():
+    safetensors.numpy.save_file({n: tensors[n] for n in shard_names}, str(tmp_path / shard))
+  weight_map = {n: shard for shard, shard_names in shards.items() for n in shard_names}
+  (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+  (tmp_path / "config.json").write_text(json.dumps(config.to_hf_dict()))
+  _, loaded = hf_checkpoint.load_pretrained(str(tmp_path))
+  for original, restored in zip(jax.tree.leaves(params), jax.tree.leaves(loaded)):
+    np.testing.assert_array_equal(restored, original)
+
+
+def test_bfloat16_checkpoint_loads_as_float32(tmp_path):
+  import ml_dtypes
+  config = tiny_config()
+  tensors = hf_checkpoint.hf_state_dict_from_params(config, init_params(config, jax.random.key(4)))
+  safetensors.numpy.save_file({k: v.astype(ml_dtypes.bfloat16) for k, v in tensors.items()},
+                              str(tmp_path / "model.safetensors"))
+  (tmp_path / "config.json").write_text(json.dumps(config.to_hf_dict()))
+  _, loaded = hf_checkpoint.load_pretrained(str(tmp_path))
+  shared = loaded["shared"]["embedding"]
+  assert shared.dtype == np.float32
+  np.testing.assert_allclose(shared, tensors["shared.weight"], rtol=1e-2)
+
+
+def test_missing_tensor_on_disk_is_named(tmp_path):
+  config = tiny_config()
+  tensors = hf_checkpoint.hf_state_dict_from_params(config, init_params(config, jax.random.key(5)))
+  del tensors["encoder.final_layer_norm.weight"]
+  safetensors.numpy.save_file(tensors, str(tmp_path / "model.safetensors"))
+  (tmp_path / "config.json").write_text(json.dumps(config.to_hf_dict()))
+  with pytest.raises(UserError, match=r"missing tensors: encoder\.final_layer_norm\.weight"):
+    hf_checkpoint.load_pretrained(str(tmp_path))
+
+
+def test_directory_without_weights_or_config(tmp_path):
+  (tmp_path / "config.json").write_text(json.dumps(tiny_config().to_hf_dict()))
+  (tmp_path / "pytorch_model.bin").write_bytes(b"")
+  with pytest.raises(UserError, match=f"no weights in {tmp_path}: expected config.json with "
+                                      "model.safetensors.*pytorch_model.bin"):
+    hf_checkpoint.load_pretrained(str(tmp_path))
+  empty = tmp_path / "empty"
+  empty.mkdir()
+  with pytest.raises(UserError, match=f"no config.json in {empty}"):
+    hf_checkpoint.load_pretrained(str(empty))
+
+
+def test_uncached_hub_id_offline(tmp_path):
+  with pytest.raises(UserError, match="'google/flan-t5-small' is not in the local cache and the "
+                                      "Hub cannot be reached"):
+    hf_checkpoint.load_pretrained("google/flan-t5-small", cache_dir=str(tmp_path))
+
+
+def test_failed_save_keeps_the_previous_model(tmp_path, monkeypatch):
+  config = tiny_config()
+  hf_checkpoint.save_pretrained(str(tmp_path), config, init_params(config, jax.random.key(6)))
+  before = {name: (tmp_path / name).read_bytes() for name in os.listdir(tmp_path)}
+
+  def failing_save(tensors, path, metadata=None):
+    with open(path, "wb") as f:
+      f.write(b"partial")
+    raise OSError("disk full")
+
+  monkeypatch.setattr(safetensors.numpy, "save_file", failing_save)
+  with pytest.raises(OSError, match="disk full"):
+    hf_checkpoint.save_pretrained(str(tmp_path), config, init_params(config, jax.random.key(7)))
+  after = {name: (tmp_path / name).read_bytes() for name in os.listdir(tmp_path)}
+  assert after == before
+
+
+def test_tokenizer_is_saved_alongside(tmp_path):
+  class FakeTokenizer:
+    def save_pretrained(self, out_dir):
+      with open(os.path.join(out_dir, "spiece.model"), "w") as f:
+        f.write("vocab")
+
+  config = tiny_config()
+  hf_checkpoint.save_pretrained(str(tmp_path / "out"), config,
+                                init_params(config, jax.random.key(8)), FakeTokenizer())
+  assert sorted(os.listdir(tmp_path / "out")) == ["config.json", "model.safetensors",
+                                                  "spiece.model"]
+  metadata = safetensors.safe_open(str(tmp_path / "out" / "model.safetensors"), "np").metadata()
+  assert metadata == {"format": "pt"}

@@ -1,0 +1,208 @@
+"""Tests for the Flax T5: config semantics, masks, causality, variants and initialisation."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from flax_sum import config as config_lib
+from flax_sum.errors import UserError
+from flax_sum.model import T5, T5Config, init_params, relative_position_bucket
+
+VARIANTS = [("relu", True), ("gated-gelu", False), ("relu", False), ("gated-gelu", True)]
+
+
+def tiny_config(feed_forward_proj: str = "relu", tie_word_embeddings: bool = True,
+                **overrides) -> T5Config:
+  fields = dict(vocab_size=100, d_model=16, d_kv=4, d_ff=32, num_layers=2, num_heads=4,
+                relative_attention_num_buckets=8, relative_attention_max_distance=16,
+                feed_forward_proj=feed_forward_proj, tie_word_embeddings=tie_word_embeddings)
+  fields.update(overrides)
+  return T5Config(**fields)
+
+
+@pytest.fixture(scope="module")
+def relu_model():
+  config = tiny_config()
+  return T5(config), init_params(config, jax.random.key(0))
+
+
+def random_batch(seed: int, batch: int = 3, source: int = 7, target: int = 5):
+  rng = np.random.default_rng(seed)
+  input_ids = rng.integers(2, 100, (batch, source)).astype(np.int32)
+  decoder_ids = rng.integers(2, 100, (batch, target)).astype(np.int32)
+  return input_ids, np.ones_like(input_ids), decoder_ids
+
+
+def test_config_hf_semantics():
+  config = T5Config.from_pretrained_json(config_lib.ASSETS_DIR / "t5" / "t5-small-config.json")
+  assert (config.d_model, config.num_layers, config.num_decoder_layers) == (512, 6, 6)
+  assert config.tie_word_embeddings and not config.is_gated_act
+  assert config.extra["task_specific_params"]["summarization"]["num_beams"] == 4
+  assert "transformers_version" not in config.extra
+  assert T5Config.from_hf_dict({"num_layers": 3}).num_decoder_layers == 3
+  gated = T5Config.from_hf_dict({"feed_forward_proj": "gated-gelu", "tie_word_embeddings": False})
+  assert gated.is_gated_act and gated.dense_act_fn == "gelu_new"
+  assert not gated.tie_word_embeddings
+  # transformers 5 writes tie_word_embeddings=true plus scale_decoder_outputs=false for v1.1.
+  assert not T5Config.from_hf_dict({"tie_word_embeddings": True,
+                                    "scale_decoder_outputs": False}).tie_word_embeddings
+  assert T5Config(feed_forward_proj="gated-silu").dense_act_fn == "silu"
+  assert T5Config(dtype="bfloat16").dtype == jnp.bfloat16
+  with pytest.raises(UserError, match="feed_forward_proj"):
+    T5Config(feed_forward_proj="gated-foo")
+  with pytest.raises(UserError, match="model_type"):
+    T5Config.from_hf_dict({"model_type": "bart"})
+
+
+def test_relative_position_bucket_values():
+  relative = jnp.array([0, -1, 1, -7, 7, -8, -200, 200, -127, 127])
+  bidirectional = relative_position_bucket(relative, True, 32, 128)
+  np.testing.assert_array_equal(bidirectional, [0, 1, 17, 7, 23, 8, 15, 31, 15, 31])
+  unidirectional = relative_position_bucket(relative, False, 32, 128)
+  np.testing.assert_array_equal(unidirectional, [0, 1, 0, 7, 0, 8, 31, 0, 31, 0])
+
+
+def test_shapes_and_dtypes(relu_model):
+  model, params = relu_model
+  bf16_model = T5(dataclasses.replace(model.config, dtype=jnp.bfloat16))
+  input_ids, mask, decoder_ids = random_batch(0)
+
+  @jax.jit
+  def run(params):
+    outputs = {}
+    for name, m in (("fp32", model), ("bf16", bf16_model)):
+      outputs[name] = (m.apply({"params": params}, input_ids, mask, decoder_ids),
+                       m.apply({"params": params}, input_ids, mask, method=T5.encode))
+    return outputs
+
+  outputs = run(params)
+  logits, encoded = outputs["fp32"]
+  assert logits.shape == (3, 5, 100) and logits.dtype == jnp.float32
+  assert encoded.shape == (3, 7, 16) and encoded.dtype == jnp.float32
+  assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(params))
+  bf16_logits, bf16_encoded = outputs["bf16"]
+  assert bf16_logits.dtype == jnp.float32 and bf16_encoded.dtype == jnp.bfloat16
+  np.testing.assert_allclose(bf16_logits, logits, atol=0.1)
+
+
+def test_encoder_padding_does_not_change_real_tokens(relu_model):
+  model, params = relu_model
+  input_ids, mask, decoder_ids = random_batch(1)
+  padded_ids = np.concatenate([input_ids, np.full((3, 4), 57, np.int32)], axis=1)
+  padded_mask = np.concatenate([mask, np.zeros((3, 4), np.int32)], axis=1)
+  padded_mask[0, 7:] = 1  # Row 0 really is longer; rows 1 and 2 only gained padding.
+  apply = jax.jit(model.apply)
+  logits = apply({"params": params}, input_ids, mask, decoder_ids)
+  padded_logits = apply({"params": params}, padded_ids, padded_mask, decoder_ids)
+  np.testing.assert_allclose(padded_logits[1:], logits[1:], atol=1e-5)
+  assert np.abs(padded_logits[0] - logits[0]).max() > 1e-3
+
+  encode = jax.jit(lambda ids, m: model.apply({"params": params}, ids, m, method=T5.encode))
+  encoded = encode(input_ids, mask)
+  padded_encoded = encode(padded_ids, padded_mask)
+  np.testing.assert_allclose(padded_encoded[1:, :7], encoded[1:], atol=1e-5)
+
+
+def test_decoder_is_causal(relu_model):
+  model, params = relu_model
+  input_ids, mask, decoder_ids = random_batch(2)
+  changed = decoder_ids.copy()
+  changed[:, 3] = (changed[:, 3] + 1) % 100
+  apply = jax.jit(model.apply)
+  logits = apply({"params": params}, input_ids, mask, decoder_ids)
+  changed_logits = apply({"params": params}, input_ids, mask, changed)
+  np.testing.assert_array_equal(changed_logits[:, :3], logits[:, :3])
+  assert np.abs(changed_logits[:, 3:] - logits[:, 3:]).min(axis=-1).max() > 0
+
+
+def test_decoder_attention_mask_hides_padded_targets(relu_model):
+  model, params = relu_model
+  input_ids, mask, decoder_ids = random_batch(3)
+  decoder_mask = np.ones_like(decoder_ids)
+  decoder_mask[:, 3:] = 0
+  changed = decoder_ids.copy()
+  changed[:, 3:] = 9
+  apply = jax.jit(model.apply)
+  logits = apply({"params": params}, input_ids, mask, decoder_ids, decoder_mask)
+  changed_logits = apply({"params": params}, input_ids, mask, changed, decoder_mask)
+  np.testing.assert_allclose(changed_logits[:, :3], logits[:, :3], atol=1e-6)
+
+
+@pytest.mark.parametrize("feed_forward_proj,tied", VARIANTS)
+def test_variants_run(feed_forward_proj, tied):
+  config = tiny_config(feed_forward_proj, tied, num_decoder_layers=3)
+  params = init_params(config, jax.random.key(1))
+  ff = params["encoder"]["block_0"]["layer_1"]["DenseReluDense"]
+  assert set(ff) == ({"wi_0", "wi_1", "wo"} if config.is_gated_act else {"wi", "wo"})
+  assert ("lm_head" in params) == (not tied)
+  assert set(params["decoder"]) == {"block_0", "block_1", "block_2", "final_layer_norm"}
+  assert "relative_attention_bias" not in params["decoder"]["block_1"]["layer_0"]["SelfAttention"]
+  input_ids, mask, decoder_ids = random_batch(4)
+  logits = jax.jit(T5(config).apply)({"params": params}, input_ids, mask, decoder_ids)
+  assert logits.shape == (3, 5, 100) and np.isfinite(logits).all()
+
+
+def test_dropout_only_in_training(relu_model):
+  model, params = relu_model
+  input_ids, mask, decoder_ids = random_batch(5)
+
+  @jax.jit
+  def run(dropout_rng):
+    train = model.apply({"params": params}, input_ids, mask, decoder_ids, deterministic=False,
+                        rngs={"dropout": dropout_rng})
+    return train, model.apply({"params": params}, input_ids, mask, decoder_ids)
+
+  # An rbg key only to keep compilation fast on CPU.
+  train_0, eval_logits = run(jax.random.key(0, impl="unsafe_rbg"))
+  train_1, _ = run(jax.random.key(1, impl="unsafe_rbg"))
+  assert np.abs(train_0 - train_1).max() > 1e-3
+  assert np.abs(train_0 - eval_logits).max() > 1e-3
+  np.testing.assert_array_equal(run(jax.random.key(0, impl="unsafe_rbg"))[0], train_0)
+
+
+def test_layer_norm_params_are_named_layer_norm(relu_model):
+  _, params = relu_model
+  paths = ["/".join(str(k.key) for k in path)
+           for path, _ in jax.tree_util.tree_leaves_with_path(params)]
+  norm_paths = [p for p in paths if "layer_norm" in p]
+  # 2 encoder blocks x 2 + 2 decoder blocks x 3 + 2 final norms.
+  assert len(norm_paths) == 12 and all(p.endswith("scale") for p in norm_paths)
+  assert "encoder/block_0/layer_0/SelfAttention/q/kernel" in paths
+  assert "shared/embedding" in paths
+
+
+def test_init_matches_hf_statistics():
+  config = T5Config(vocab_size=300, d_model=256, d_kv=32, d_ff=512, num_layers=1, num_heads=8,
+                    feed_forward_proj="gated-gelu", tie_word_embeddings=False,
+                    initializer_factor=1.0)
+  params = init_params(config, jax.random.key(2))
+  block = params["encoder"]["block_0"]
+  attention = block["layer_0"]["SelfAttention"]
+  ff = block["layer_1"]["DenseReluDense"]
+  expected = {
+      "q": (attention["q"]["kernel"], (256 * 32)**-0.5),
+      "k": (attention["k"]["kernel"], 256**-0.5),
+      "v": (attention["v"]["kernel"], 256**-0.5),
+      "o": (attention["o"]["kernel"], 256**-0.5),  # (num_heads * d_kv) ** -0.5
+      "bias": (attention["relative_attention_bias"]["embedding"], 256**-0.5),
+      "wi_0": (ff["wi_0"]["kernel"], 256**-0.5),
+      "wi_1": (ff["wi_1"]["kernel"], 256**-0.5),
+      "wo": (ff["wo"]["kernel"], 512**-0.5),
+      "shared": (params["shared"]["embedding"], 1.0),
+      "lm_head": (params["lm_head"]["kernel"], 1.0),
+  }
+  for name, (value, std) in expected.items():
+    assert abs(float(np.std(value)) / std - 1) < 0.2, name
+    assert abs(float(np.mean(value))) < 0.2 * std, name
+  np.testing.assert_array_equal(block["layer_0"]["layer_norm"]["scale"], np.ones(256))
+  # init_params draws in one sample; flax's own init must give the same tree of shapes.
+  dummy = jnp.ones((1, 1), jnp.int32)
+  flax_shapes = jax.eval_shape(T5(config).init, jax.random.key(0), dummy, dummy, dummy)["params"]
+  assert (jax.tree.map(lambda x: (x.shape, x.dtype), flax_shapes)
+          == jax.tree.map(lambda x: (x.shape, x.dtype), params))
+  np.testing.assert_array_equal(params["encoder"]["final_layer_norm"]["scale"], np.ones(256))
+  assert attention["q"]["kernel"].shape == (256, 256)
+  assert attention["relative_attention_bias"]["embedding"].shape == (32, 8)

@@ -1,0 +1,97 @@
+"""Our saved checkpoints in transformers' PyTorch T5 give the same outputs as our Flax T5."""
+
+import dataclasses
+
+import jax
+import numpy as np
+import pytest
+
+from flax_sum import hf_checkpoint
+from flax_sum.decode import greedy_generate
+from flax_sum.model import T5, T5Config, init_params
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+VARIANTS = {"relu-tied": ("relu", True), "gated-gelu-untied": ("gated-gelu", False),
+            "gated-silu-tied": ("gated-silu", True)}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def single_torch_thread():
+  # Torch's worker threads contend with XLA's on small CPUs and slow generate() 100-fold.
+  threads = torch.get_num_threads()
+  torch.set_num_threads(1)
+  yield
+  torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module", params=list(VARIANTS), ids=list(VARIANTS))
+def models(request, tmp_path_factory):
+  feed_forward_proj, tied = VARIANTS[request.param]
+  # Sequences longer than max_distance exercise the logarithmic position buckets.
+  config = T5Config(vocab_size=120, d_model=32, d_kv=8, d_ff=48, num_layers=2,
+                    num_decoder_layers=3, num_heads=4, relative_attention_num_buckets=8,
+                    relative_attention_max_distance=12, feed_forward_proj=feed_forward_proj,
+                    tie_word_embeddings=tied)
+  params = init_params(config, jax.random.key(7))
+  out_dir = str(tmp_path_factory.mktemp("parity"))
+  hf_checkpoint.save_pretrained(out_dir, config, params)
+  torch_model, info = transformers.T5ForConditionalGeneration.from_pretrained(
+      out_dir, output_loading_info=True, attn_implementation="eager")
+  assert not info["missing_keys"] and not info["unexpected_keys"]
+  assert not info["mismatched_keys"]
+  return T5(config), params, torch_model.eval()
+
+
+def batch():
+  rng = np.random.default_rng(0)
+  input_ids = rng.integers(2, 120, (3, 30))
+  mask = np.ones_like(input_ids)
+  mask[1, 20:] = 0
+  mask[2, 6:] = 0
+  decoder_ids = rng.integers(2, 120, (3, 25))
+  decoder_mask = np.ones_like(decoder_ids)
+  decoder_mask[0, 18:] = 0
+  return input_ids, mask, decoder_ids, decoder_mask
+
+
+def test_encoder_outputs_and_logits_match(models):
+  model, params, torch_model = models
+  input_ids, mask, decoder_ids, decoder_mask = batch()
+  with torch.no_grad():
+    expected = torch_model(input_ids=torch.tensor(input_ids), attention_mask=torch.tensor(mask),
+                           decoder_input_ids=torch.tensor(decoder_ids),
+                           decoder_attention_mask=torch.tensor(decoder_mask))
+  encoded = model.apply({"params": params}, input_ids, mask, method=T5.encode)
+  logits = model.apply({"params": params}, input_ids, mask, decoder_ids, decoder_mask)
+  # Compare real (unpadded) positions only.
+  np.testing.assert_allclose(np.asarray(encoded) * mask[..., None],
+                             expected.encoder_last_hidden_state.numpy() * mask[..., None],
+                             atol=1e-4, rtol=0)
+  np.testing.assert_allclose(np.asarray(logits) * decoder_mask[..., None],
+                             expected.logits.numpy() * decoder_mask[..., None], atol=1e-4, rtol=0)
+
+
+def test_greedy_generation_matches(models):
+  model, params, torch_model = models
+  input_ids, mask, _, _ = batch()
+  max_length = 16
+
+  def torch_greedy(eos_token_id: int) -> np.ndarray:
+    # use_cache=False: transformers' generation cache breaks when num_decoder_layers differs
+    # from num_layers.
+    with torch.no_grad():
+      tokens = torch_model.generate(
+          input_ids=torch.tensor(input_ids), attention_mask=torch.tensor(mask), do_sample=False,
+          num_beams=1, max_new_tokens=max_length, eos_token_id=eos_token_id, pad_token_id=0,
+          use_cache=False).numpy()[:, 1:]
+    return np.pad(tokens, ((0, 0), (0, max_length - tokens.shape[1])))
+
+  # Make the 4th token of row 0 the EOS so that rows end at different steps.
+  eos = int(torch_greedy(model.config.eos_token_id)[0, 3])
+  expected = torch_greedy(eos)
+  assert (expected[0, 4:] == 0).all()
+  eos_model = T5(dataclasses.replace(model.config, eos_token_id=eos))
+  tokens = jax.jit(lambda p: greedy_generate(eos_model, p, input_ids, mask, max_length))(params)
+  np.testing.assert_array_equal(np.asarray(tokens), expected)
