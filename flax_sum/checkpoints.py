@@ -6,6 +6,7 @@ The state is written un-replicated (one copy, not one per device) with async sav
 from __future__ import annotations
 
 import pathlib
+import shutil
 
 import orbax.checkpoint as ocp
 
@@ -25,7 +26,13 @@ def saved_steps(output_dir: str | pathlib.Path) -> list[int]:
                 if path.is_dir() and path.name.isdigit())
 
 
-def create_manager(output_dir: str | pathlib.Path) -> ocp.CheckpointManager:
+def create_manager(output_dir: str | pathlib.Path,
+                   remove_existing: bool = False) -> ocp.CheckpointManager:
+  """A manager for output_dir's checkpoints; `remove_existing` first deletes an earlier run's
+  (a fresh run in an overwritten output_dir must not mix its steps with the old ones)."""
+  if remove_existing:
+    for step in saved_steps(output_dir):
+      shutil.rmtree(checkpoint_dir(output_dir) / str(step))
   options = ocp.CheckpointManagerOptions(create=True, enable_async_checkpointing=True)
   return ocp.CheckpointManager(checkpoint_dir(output_dir), options=options)
 

@@ -177,7 +177,7 @@ class TrainLog:
   """`train_log.jsonl` and the console: one record per logging step or evaluation."""
 
   def __init__(self, path: pathlib.Path):
-    self.file = path.open("a")
+    self.file = path.open("w")
 
   def write(self, record: dict[str, Any]) -> None:
     self.file.write(json.dumps(record) + "\n")
@@ -209,7 +209,7 @@ def train(config, model, params, train_dataset, output_dir: pathlib.Path, evalua
   state = jax_utils.replicate(state)
   p_train_step = steps.pmap_train_step(learning_rate_fn, config)
   dropout_rng = jax.random.PRNGKey(config.seed + 1)
-  manager = checkpoints.create_manager(output_dir)
+  manager = checkpoints.create_manager(output_dir, remove_existing=True)
   train_log = TrainLog(output_dir / "train_log.jsonl")
 
   batches = repeat_epochs(train_dataset, config, global_batch)

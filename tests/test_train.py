@@ -1,0 +1,177 @@
+"""End to end through the real command line: train, eval-only, predict-only, result files."""
+
+import csv
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+from flax_sum import train
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+TINY_T5 = {
+    "architectures": ["T5ForConditionalGeneration"], "model_type": "t5", "vocab_size": 32128,
+    "d_model": 16, "d_kv": 8, "d_ff": 32, "num_layers": 1, "num_decoder_layers": 1,
+    "num_heads": 2, "relative_attention_num_buckets": 8, "relative_attention_max_distance": 16,
+    "dropout_rate": 0.1, "feed_forward_proj": "relu", "pad_token_id": 0, "eos_token_id": 1,
+    "decoder_start_token_id": 0,
+}
+
+TOPICS = ["the weather", "a train ticket", "dinner plans", "a job interview", "the new phone",
+          "a birthday party", "the football match"]
+
+
+def write_csv(path, num_rows):
+  """Rows with an unrelated first column, so the columns must be named explicitly."""
+  with open(path, "w", newline="") as f:
+    writer = csv.writer(f)
+    writer.writerow(["row_id", "conversation", "gist"])
+    for i in range(num_rows):
+      topic = TOPICS[i % len(TOPICS)]
+      writer.writerow([i, f"#Person1#: Shall we talk about {topic}?\n#Person2#: Yes, {topic} "
+                          f"matters to me, number {i}.", f"They talk about {topic}."])
+  return str(path)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+  """A trained tiny model (train + eval + predict in one run) shared by the tests below."""
+  root = tmp_path_factory.mktemp("tiny")
+  (root / "config.json").write_text(json.dumps(TINY_T5))
+  data = {"train": write_csv(root / "train.csv", 40), "validation": write_csv(root / "dev.csv", 7),
+          "test": write_csv(root / "test.csv", 5)}
+  output_dir = root / "out"
+  data_flags = ["--text_column", "conversation", "--summary_column", "gist",
+                "--source_prefix", "summarize: ", "--max_source_length", "32",
+                "--max_target_length", "8", "--per_device_eval_batch_size", "1"]
+  status = train.main([
+      "--config_name", str(root / "config.json"), "--train_file", data["train"],
+      "--validation_file", data["validation"], "--test_file", data["test"], *data_flags,
+      "--do_train", "--do_eval", "--do_predict", "--predict_with_generate",
+      "--output_dir", str(output_dir), "--per_device_train_batch_size", "2",
+      "--learning_rate", "1e-2", "--max_steps", "6", "--logging_steps", "2", "--eval_steps", "4",
+      "--save_steps", "3"])
+  assert status == 0
+  return {"root": root, "data": data, "output_dir": output_dir, "data_flags": data_flags}
+
+
+def read_json(path):
+  return json.loads(pathlib.Path(path).read_text())
+
+
+def test_a_csv_with_custom_columns_trains_and_writes_every_output(tiny_run):
+  output_dir = tiny_run["output_dir"]
+  for name in ("train_results.json", "eval_results.json", "predict_results.json",
+               "all_results.json", "generated_predictions.txt", "train_log.jsonl",
+               "run_config.json", "config.json", "model.safetensors", "tokenizer_config.json"):
+    assert (output_dir / name).is_file(), name
+  assert sorted(p.name for p in (output_dir / "checkpoints").iterdir()) == ["3", "6"]
+
+  log = [json.loads(line) for line in (output_dir / "train_log.jsonl").read_text().splitlines()]
+  train_records = [r for r in log if "loss" in r]
+  assert [r["step"] for r in train_records] == [2, 4, 6]
+  assert all(r["tokens_per_second"] > 0 and r["grad_norm"] > 0 for r in train_records)
+  assert train_records[-1]["loss"] < train_records[0]["loss"]
+  eval_records = [r for r in log if "eval_loss" in r]
+  assert [r["step"] for r in eval_records] == [4]  # The final evaluation is in eval_results.
+
+  all_results = read_json(output_dir / "all_results.json")
+  for key in ("train_runtime", "train_samples_per_second", "train_steps_per_second",
+              "train_loss", "eval_loss", "eval_rouge1", "eval_rouge2", "eval_rougeL",
+              "eval_rougeLsum", "eval_gen_len", "predict_rouge1", "predict_gen_len"):
+    assert isinstance(all_results[key], float), key
+  assert all_results["eval_samples"] == 7
+  assert all_results["predict_samples"] == 5
+  assert all_results["train_samples"] == 40
+  # 6 steps of a global batch of 2 x 8 devices.
+  assert all_results["train_samples_per_second"] == pytest.approx(
+      6 * 16 / all_results["train_runtime"], rel=1e-2)
+
+  # One line per predict example, in order, even though 5 rows do not fill 8 devices.
+  predictions = (output_dir / "generated_predictions.txt").read_text().split("\n")
+  assert predictions[-1] == "" and len(predictions) == 6
+
+
+def test_eval_only_from_the_trained_output_dir_reproduces_the_eval_results(tiny_run):
+  output_dir = tiny_run["output_dir"]
+  before = read_json(output_dir / "eval_results.json")
+  eval_dir = tiny_run["root"] / "eval_only"
+  status = train.main([
+      "--model_name_or_path", str(output_dir), "--validation_file",
+      tiny_run["data"]["validation"], *tiny_run["data_flags"], "--do_eval",
+      "--predict_with_generate", "--output_dir", str(eval_dir),
+      "--per_device_eval_batch_size", "3"])
+  assert status == 0
+  after = read_json(eval_dir / "eval_results.json")
+  assert after["eval_samples"] == 7
+  # A different eval batch size; the token-weighted loss and the summaries are the same.
+  assert after["eval_loss"] == pytest.approx(before["eval_loss"], rel=1e-6)
+  for key in ("eval_rouge1", "eval_rouge2", "eval_rougeL", "eval_rougeLsum", "eval_gen_len"):
+    assert after[key] == pytest.approx(before[key], abs=1e-4), key
+  assert not (eval_dir / "train_results.json").exists()
+  assert not (eval_dir / "model.safetensors").exists()
+
+
+def test_predict_only_in_the_output_dir_uses_the_trained_model(tiny_run):
+  output_dir = tiny_run["output_dir"]
+  expected = (output_dir / "generated_predictions.txt").read_text()
+  (output_dir / "generated_predictions.txt").unlink()
+  status = train.main([
+      "--test_file", tiny_run["data"]["test"], *tiny_run["data_flags"], "--do_predict",
+      "--predict_with_generate", "--output_dir", str(output_dir)])
+  assert status == 0
+  assert (output_dir / "generated_predictions.txt").read_text() == expected
+  assert read_json(output_dir / "predict_results.json")["predict_samples"] == 5
+
+
+def test_a_non_empty_output_dir_is_not_overwritten_without_the_flag(tiny_run, capsys):
+  output_dir = tiny_run["output_dir"]
+  weights = (output_dir / "model.safetensors").read_bytes()
+  status = train.main([
+      "--config_name", str(tiny_run["root"] / "config.json"), "--train_file",
+      tiny_run["data"]["train"], *tiny_run["data_flags"], "--do_train",
+      "--output_dir", str(output_dir)])
+  assert status == 2
+  error = capsys.readouterr().err.strip()
+  assert error.startswith("error: --output_dir") and "--overwrite_output_dir" in error
+  assert len(error.splitlines()) == 1
+  assert (output_dir / "model.safetensors").read_bytes() == weights
+
+
+def run_cli(*args, cwd):
+  env = dict(os.environ)
+  return subprocess.run([sys.executable, "-m", "flax_sum.train", *args], cwd=cwd, env=env,
+                        capture_output=True, text=True, timeout=600)
+
+
+def test_an_unknown_flag_fails_with_a_suggestion_and_no_traceback(tmp_path):
+  result = run_cli("--learnig_rate", "1e-4", cwd=tmp_path)
+  assert result.returncode == 2
+  assert result.stderr.strip() == ("error: unknown flag --learnig_rate: did you mean "
+                                   "--learning_rate?")
+  assert "Traceback" not in result.stdout + result.stderr
+
+
+def test_the_embedded_default_runs_a_few_steps_through_the_cli(tmp_path):
+  output_dir = tmp_path / "default"
+  result = run_cli("--max_steps", "2", "--logging_steps", "1", "--max_train_samples", "64",
+                   "--max_eval_samples", "5", "--max_predict_samples", "3",
+                   "--per_device_train_batch_size", "1", "--per_device_eval_batch_size", "1",
+                   "--val_max_target_length", "6", "--output_dir", str(output_dir),
+                   cwd=REPO_ROOT)
+  assert result.returncode == 0, result.stderr[-3000:]
+  log = [json.loads(line) for line in (output_dir / "train_log.jsonl").read_text().splitlines()]
+  assert [r["step"] for r in log] == [1, 2]
+  results = read_json(output_dir / "all_results.json")
+  assert results["eval_samples"] == 5 and results["predict_samples"] == 3
+  assert "eval_rougeLsum" in results and "predict_rouge1" in results
+  assert len((output_dir / "generated_predictions.txt").read_text().splitlines()) == 3
+  config = read_json(output_dir / "config.json")
+  assert config["d_model"] == read_json(REPO_ROOT / "flax_sum/assets/t5-mini/config.json")[
+      "d_model"]
+  run_config = read_json(output_dir / "run_config.json")
+  assert run_config["source_prefix"] == "summarize: " and run_config["max_steps"] == 2
