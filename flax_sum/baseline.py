@@ -1,7 +1,7 @@
 """ROUGE of the Lead-n baseline on a .jsonl/.json/.csv file, scored like the trainer's evaluation.
 
   python -m flax_sum.baseline --file flax_sum/assets/dialogsum/validation.jsonl \\
-      --text_column dialogue --summary_column summary --lead 2
+      --text_column dialogue --summary_column summary --lead 2 [--max_samples 200]
 """
 
 from __future__ import annotations
@@ -49,11 +49,15 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument("--text_column", default="dialogue")
   parser.add_argument("--summary_column", default="summary")
   parser.add_argument("--lead", type=int, default=2, help="Utterances/sentences to keep.")
+  parser.add_argument("--max_samples", type=int, default=None,
+                      help="Score only the first N rows (as --max_eval_samples does).")
   args = parser.parse_args(argv)
   try:
     if args.lead < 1:
       raise UserError(f"--lead must be at least 1, got {args.lead}.")
-    records = read_records(args.file)
+    if args.max_samples is not None and args.max_samples < 1:
+      raise UserError(f"--max_samples must be at least 1, got {args.max_samples}.")
+    records = read_records(args.file)[:args.max_samples]
     scores = lead_baseline_rouge(records, args.text_column, args.summary_column, args.lead)
   except UserError as error:
     print(f"error: {error}", file=sys.stderr)

@@ -1,16 +1,26 @@
 """Orbax checkpoints of the train state under `output_dir/checkpoints/<step>`.
 
-The state is written un-replicated (one copy, not one per device) with async saves.
+Each step directory holds two items: `state`, the train state written un-replicated (one copy,
+not one per device) with async saves, and `model_config`, the model's Hugging Face config.json
+dict, so that a checkpoint alone can be exported (`python -m flax_sum.export`).
 """
 
 from __future__ import annotations
 
 import pathlib
 import shutil
+from typing import Any
 
+import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
+from flax_sum.errors import UserError
+from flax_sum.model import T5Config
+
 CHECKPOINT_SUBDIR = "checkpoints"
+STATE_ITEM = "state"
+MODEL_CONFIG_ITEM = "model_config"
 
 
 def checkpoint_dir(output_dir: str | pathlib.Path) -> pathlib.Path:
@@ -37,11 +47,71 @@ def create_manager(output_dir: str | pathlib.Path,
   return ocp.CheckpointManager(checkpoint_dir(output_dir), options=options)
 
 
-def save(manager: ocp.CheckpointManager, step: int, state) -> None:
-  """Starts an async save of the (un-replicated) state; `manager.wait_until_finished()` ends it."""
-  manager.save(step, args=ocp.args.StandardSave(state))
+def save(manager: ocp.CheckpointManager, step: int, state: Any, model_config: T5Config) -> None:
+  """Starts an async save of the (un-replicated) state and the model's Hugging Face config;
+  `manager.wait_until_finished()` ends it."""
+  manager.save(step, args=ocp.args.Composite(**{
+      STATE_ITEM: ocp.args.StandardSave(state),
+      MODEL_CONFIG_ITEM: ocp.args.JsonSave(model_config.to_hf_dict()),
+  }))
 
 
-def restore(output_dir: str | pathlib.Path, step: int, abstract_state):
+def restore(output_dir: str | pathlib.Path, step: int, abstract_state: Any) -> Any:
+  """The full train state of `step`, laid out like `abstract_state`."""
   with ocp.CheckpointManager(checkpoint_dir(output_dir)) as manager:
-    return manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
+    restored = manager.restore(step, args=ocp.args.Composite(**{
+        STATE_ITEM: ocp.args.StandardRestore(abstract_state)}))
+  return restored[STATE_ITEM]
+
+
+def _is_step_dir(path: pathlib.Path) -> bool:
+  return path.name.isdigit() and path.parent.name == CHECKPOINT_SUBDIR and path.is_dir()
+
+
+def find_step_dir(path: str | pathlib.Path) -> pathlib.Path:
+  """A checkpoint step directory given itself, an output_dir or its checkpoints/ directory;
+  the latter two mean their latest step."""
+  path = pathlib.Path(path).expanduser().resolve()
+  if not path.exists():
+    raise UserError(f"no checkpoint at {path}: pass a step directory "
+                    f"(OUTPUT_DIR/{CHECKPOINT_SUBDIR}/STEP) or a training output_dir")
+  if not path.is_dir():
+    raise UserError(f"{path} is a file: pass a checkpoint step directory "
+                    f"(OUTPUT_DIR/{CHECKPOINT_SUBDIR}/STEP) or a training output_dir")
+  if _is_step_dir(path):
+    return path
+  output_dir = path.parent if path.name == CHECKPOINT_SUBDIR else path
+  steps = saved_steps(output_dir)
+  if not steps:
+    raise UserError(f"no checkpoint in {path}: expected a step directory "
+                    f"(OUTPUT_DIR/{CHECKPOINT_SUBDIR}/STEP, as written by training with "
+                    "flax-sum) or an output_dir holding some")
+  return checkpoint_dir(output_dir) / str(steps[-1])
+
+
+def load_params(checkpoint_path: str | pathlib.Path) -> tuple[T5Config, Any]:
+  """(model config, float32 numpy params) of a step directory, without the optimizer state."""
+  step_dir = find_step_dir(checkpoint_path)
+  if not (step_dir / STATE_ITEM).is_dir() or not (step_dir / MODEL_CONFIG_ITEM).is_dir():
+    raise UserError(f"checkpoint {step_dir} has no {STATE_ITEM} and {MODEL_CONFIG_ITEM} (it is "
+                    "incomplete or was written by an older flax-sum): export another step or "
+                    "use the final model in its output_dir")
+  handlers = {STATE_ITEM: ocp.PyTreeCheckpointHandler(),
+              MODEL_CONFIG_ITEM: ocp.JsonCheckpointHandler()}
+  with ocp.Checkpointer(ocp.CompositeCheckpointHandler(**handlers)) as checkpointer:
+    state_metadata = checkpointer.metadata(step_dir).item_metadata[STATE_ITEM].tree
+    if "params" not in state_metadata:
+      raise UserError(f"checkpoint {step_dir} holds no params")
+    params_metadata = state_metadata["params"]
+    # Restored as host numpy arrays: no device layout needed, whatever the saving machine had.
+    restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray),
+                                params_metadata)
+    restored = checkpointer.restore(step_dir, args=ocp.args.Composite(**{
+        STATE_ITEM: ocp.args.PyTreeRestore(item={"params": params_metadata},
+                                           restore_args={"params": restore_args},
+                                           partial_restore=True),
+        MODEL_CONFIG_ITEM: ocp.args.JsonRestore(),
+    }))
+  config = T5Config.from_hf_dict(restored[MODEL_CONFIG_ITEM])
+  params = jax.tree.map(lambda x: np.asarray(x, np.float32), restored[STATE_ITEM]["params"])
+  return config, params

@@ -1,7 +1,13 @@
-"""Hugging Face T5 checkpoints (config.json + model.safetensors) to and from our params."""
+"""Hugging Face T5 checkpoints (config.json + model.safetensors) to and from our params.
+
+Reads a local directory or a Hub id (huggingface_hub's cache, HF_HOME, HF_HUB_OFFLINE and token
+defaults), with single or sharded safetensors, or `pytorch_model.bin` when torch is installed.
+Writes config.json, model.safetensors and generation_config.json.
+"""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import tempfile
@@ -20,9 +26,14 @@ PathTuple = tuple[str, ...]
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 WEIGHTS_INDEX_FILE = "model.safetensors.index.json"
-HUB_PATTERNS = [CONFIG_FILE, "*.safetensors", WEIGHTS_INDEX_FILE, "generation_config.json",
+TORCH_WEIGHTS_FILE = "pytorch_model.bin"
+TORCH_WEIGHTS_INDEX_FILE = "pytorch_model.bin.index.json"
+GENERATION_CONFIG_FILE = "generation_config.json"
+HUB_PATTERNS = [CONFIG_FILE, "*.safetensors", WEIGHTS_INDEX_FILE, GENERATION_CONFIG_FILE,
                 "spiece.model", "tokenizer.json", "tokenizer_config.json",
                 "special_tokens_map.json", "added_tokens.json"]
+# Downloaded only for Hub models without safetensors, and only when torch can read them.
+HUB_TORCH_PATTERNS = ["pytorch_model*.bin", TORCH_WEIGHTS_INDEX_FILE]
 
 # Tensors older checkpoints carry that hold no parameter of their own.
 _IGNORED_TENSORS = frozenset({
@@ -158,63 +169,135 @@ def hf_state_dict_from_params(config: T5Config, params: Params) -> dict[str, np.
   return tensors
 
 
-def _read_safetensors(model_dir: str) -> dict[str, np.ndarray]:
-  single = os.path.join(model_dir, WEIGHTS_FILE)
-  index = os.path.join(model_dir, WEIGHTS_INDEX_FILE)
-  if os.path.isfile(single):
-    files = [single]
-  elif os.path.isfile(index):
-    with open(index, encoding="utf-8") as f:
+def _torch_available() -> bool:
+  return importlib.util.find_spec("torch") is not None
+
+
+def _has_safetensors(model_dir: str) -> bool:
+  return any(os.path.isfile(os.path.join(model_dir, name))
+             for name in (WEIGHTS_FILE, WEIGHTS_INDEX_FILE))
+
+
+def _weight_files(model_dir: str, single: str, index: str) -> list[str] | None:
+  """The weights files of one format: the single file, the index's shards, or None."""
+  if os.path.isfile(os.path.join(model_dir, single)):
+    return [os.path.join(model_dir, single)]
+  index_path = os.path.join(model_dir, index)
+  if not os.path.isfile(index_path):
+    return None
+  try:
+    with open(index_path, encoding="utf-8") as f:
       shards = sorted(set(json.load(f)["weight_map"].values()))
-    files = [os.path.join(model_dir, shard) for shard in shards]
-  else:
-    others = [name for name in ("pytorch_model.bin", "tf_model.h5", "flax_model.msgpack")
-              if os.path.exists(os.path.join(model_dir, name))]
-    hint = (f" (found only {', '.join(others)}: convert it to safetensors)" if others else "")
-    raise UserError(f"no weights in {model_dir}: expected {CONFIG_FILE} with {WEIGHTS_FILE} "
-                    f"or a sharded {WEIGHTS_INDEX_FILE}{hint}")
+  except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+    raise UserError(f"cannot read the weights index {index_path}: {e!r}") from None
+  return [os.path.join(model_dir, shard) for shard in shards]
+
+
+def _load_safetensors_file(path: str) -> dict[str, np.ndarray]:
+  try:
+    return safetensors.numpy.load_file(path)
+  except (OSError, ValueError, safetensors.SafetensorError) as e:
+    raise UserError(f"cannot read the weights file {path}: {e}") from None
+
+
+def _load_torch_file(path: str) -> dict[str, np.ndarray]:
+  import pickle
+  import torch  # Imported here: optional, only for pytorch_model.bin checkpoints.
+  try:
+    # weights_only: a .bin is a pickle, and only tensors are safe to unpickle.
+    state_dict = torch.load(path, map_location="cpu", weights_only=True)
+  except pickle.UnpicklingError:
+    raise UserError(f"cannot read the weights file {path}: it is not a PyTorch state dict of "
+                    "tensors (torch.load with weights_only=True refused it); convert it to "
+                    "safetensors") from None
+  except (OSError, RuntimeError, ValueError, EOFError) as e:
+    raise UserError(f"cannot read the weights file {path}: {_first_line(e)}") from None
+  if not isinstance(state_dict, dict):
+    raise UserError(f"{path} holds a {type(state_dict).__name__}, not a state dict of tensors")
+  return {name: tensor.detach().to(torch.float32).numpy()
+          for name, tensor in state_dict.items() if isinstance(tensor, torch.Tensor)}
+
+
+def _read_weights(model_dir: str) -> dict[str, np.ndarray]:
+  """All tensors of model_dir: safetensors (single or sharded), else PyTorch .bin with torch."""
+  files = _weight_files(model_dir, WEIGHTS_FILE, WEIGHTS_INDEX_FILE)
+  load_file = _load_safetensors_file
+  if files is None:
+    torch_files = _weight_files(model_dir, TORCH_WEIGHTS_FILE, TORCH_WEIGHTS_INDEX_FILE)
+    if torch_files is not None and _torch_available():
+      files, load_file = torch_files, _load_torch_file
+    else:
+      others = [name for name in (TORCH_WEIGHTS_FILE, TORCH_WEIGHTS_INDEX_FILE, "tf_model.h5",
+                                  "flax_model.msgpack")
+                if os.path.exists(os.path.join(model_dir, name))]
+      hint = ""
+      if others:
+        fix = ("install torch to read it, or convert it to safetensors"
+               if torch_files is not None else "convert it to safetensors")
+        hint = f" (found only {', '.join(others)}: {fix})"
+      raise UserError(f"no weights in {model_dir}: expected {CONFIG_FILE} with {WEIGHTS_FILE} "
+                      f"or a sharded {WEIGHTS_INDEX_FILE}{hint}")
   tensors = {}
   for path in files:
-    try:
-      tensors.update(safetensors.numpy.load_file(path))
-    except (OSError, ValueError, safetensors.SafetensorError) as e:
-      raise UserError(f"cannot read the weights file {path}: {e}") from None
+    tensors.update(load_file(path))
   return tensors
 
 
+def _first_line(error: BaseException) -> str:
+  return str(error).splitlines()[0] if str(error) else type(error).__name__
+
+
 def _download(model_id: str, cache_dir: str | None) -> str:
+  """The local snapshot of a Hub model; token, cache and offline mode are huggingface_hub's."""
   import huggingface_hub  # Imported here: only needed for Hub ids.
   from huggingface_hub import errors as hub_errors
   try:
-    return huggingface_hub.snapshot_download(model_id, allow_patterns=HUB_PATTERNS,
-                                             cache_dir=cache_dir)
+    model_dir = huggingface_hub.snapshot_download(model_id, allow_patterns=HUB_PATTERNS,
+                                                  cache_dir=cache_dir)
+    if not _has_safetensors(model_dir) and _torch_available():
+      model_dir = huggingface_hub.snapshot_download(model_id, allow_patterns=HUB_TORCH_PATTERNS,
+                                                    cache_dir=cache_dir)
+    return model_dir
   except hub_errors.GatedRepoError:
     raise UserError(f"model '{model_id}' is gated on the Hub: accept its terms and log in with "
                     "`hf auth login`, or pass a local directory") from None
   except hub_errors.RepositoryNotFoundError:
     raise UserError(f"model '{model_id}' is neither a local directory nor a model on the "
-                    "Hugging Face Hub") from None
-  except (hub_errors.LocalEntryNotFoundError, hub_errors.OfflineModeIsEnabled):
-    raise UserError(f"model '{model_id}' is not in the local cache and the Hub cannot be "
-                    "reached: pass a local directory with config.json and model.safetensors"
+                    "Hugging Face Hub (for a private model, log in with `hf auth login`)"
                     ) from None
+  except (hub_errors.LocalEntryNotFoundError, hub_errors.OfflineModeIsEnabled):
+    reason = ("offline mode, HF_HUB_OFFLINE is set" if huggingface_hub.is_offline_mode()
+              else "the Hub cannot be reached")
+    raise UserError(f"model '{model_id}' is not a local directory and is not cached ({reason}): "
+                    "pass a local directory holding config.json and model.safetensors, or "
+                    "download the model once while online") from None
   except hub_errors.HFValidationError:
     raise UserError(f"model '{model_id}' is not a directory here and not a valid Hub model id"
                     ) from None
   except (hub_errors.HfHubHTTPError, OSError) as e:
-    raise UserError(f"cannot download model '{model_id}' from the Hub: "
-                    f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    raise UserError(f"cannot download model '{model_id}' from the Hub: {_first_line(e)}"
+                    ) from None
+
+
+def _looks_like_local_path(name: str) -> bool:
+  # Hub ids are "name" or "owner/name"; anything else can only be meant as a local path.
+  return name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name
 
 
 def resolve_model_dir(model_name_or_path: str, cache_dir: str | None = None) -> str:
   """The local directory of a model: the path itself, or the Hub snapshot (with tokenizer files)."""
-  path = os.path.expanduser(os.fspath(model_name_or_path))
+  name = os.fspath(model_name_or_path)
+  path = os.path.expanduser(name)
   if os.path.isdir(path):
     return path
   if os.path.exists(path):
     raise UserError(f"{path} is a file: pass the directory holding {CONFIG_FILE} and "
                     f"{WEIGHTS_FILE}")
-  return _download(model_name_or_path, cache_dir)
+  if _looks_like_local_path(name):
+    raise UserError(f"model directory {name} does not exist: pass a directory holding "
+                    f"{CONFIG_FILE} and {WEIGHTS_FILE}, or a Hub model id such as "
+                    "google/flan-t5-small")
+  return _download(name, cache_dir)
 
 
 def load_pretrained(model_name_or_path: str,
@@ -225,7 +308,13 @@ def load_pretrained(model_name_or_path: str,
     raise UserError(f"no {CONFIG_FILE} in {model_dir}: expected a Hugging Face T5 model "
                     f"directory with {CONFIG_FILE} and {WEIGHTS_FILE}")
   config = T5Config.from_pretrained_json(model_dir)
-  return config, params_from_hf_state_dict(config, _read_safetensors(model_dir))
+  return config, params_from_hf_state_dict(config, _read_weights(model_dir))
+
+
+def generation_config_dict(config: T5Config) -> dict[str, Any]:
+  """The generation_config.json that transformers' `GenerationConfig` reads: T5's special ids."""
+  return {"decoder_start_token_id": config.decoder_start_token_id,
+          "eos_token_id": config.eos_token_id, "pad_token_id": config.pad_token_id}
 
 
 def _atomic_write(path: str, write: Callable[[str], None]) -> None:
@@ -245,23 +334,28 @@ def _atomic_write(path: str, write: Callable[[str], None]) -> None:
     raise
 
 
+def _json_writer(payload: dict[str, Any]) -> Callable[[str], None]:
+  def write(path: str) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+      json.dump(payload, f, indent=2)
+      f.write("\n")
+  return write
+
+
 def save_pretrained(out_dir: str, config: T5Config, params: Params,
                     tokenizer: Any = None) -> None:
-  """Writes config.json and model.safetensors that transformers' T5ForConditionalGeneration loads.
+  """Writes config.json, model.safetensors and generation_config.json (plus the tokenizer's
+  files) that transformers' T5ForConditionalGeneration loads with no missing or unexpected keys.
 
   For tied models only `shared.weight` is written; transformers ties the embed_tokens and
   lm_head to it. `params` must be unreplicated (no leading device axis).
   """
   os.makedirs(out_dir, exist_ok=True)
   tensors = hf_state_dict_from_params(config, params)
-
-  def write_config(tmp_path: str) -> None:
-    with open(tmp_path, "w", encoding="utf-8") as f:
-      json.dump(config.to_hf_dict(), f, indent=2)
-      f.write("\n")
-
   _atomic_write(os.path.join(out_dir, WEIGHTS_FILE),
                 lambda tmp: safetensors.numpy.save_file(tensors, tmp, metadata={"format": "pt"}))
-  _atomic_write(os.path.join(out_dir, CONFIG_FILE), write_config)
+  _atomic_write(os.path.join(out_dir, CONFIG_FILE), _json_writer(config.to_hf_dict()))
+  _atomic_write(os.path.join(out_dir, GENERATION_CONFIG_FILE),
+                _json_writer(generation_config_dict(config)))
   if tokenizer is not None:
     tokenizer.save_pretrained(out_dir)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import pathlib
 from collections.abc import Iterator, Mapping, Sequence
@@ -20,13 +21,14 @@ import datasets
 import numpy as np
 import pyarrow as pa
 import transformers
-from absl import logging
 from ml_collections import ConfigDict
 
 from flax_sum import config as config_lib
 from flax_sum.errors import UserError
 
 Batch = dict[str, np.ndarray]
+
+log = logging.getLogger(__name__)
 
 SPLITS = ("train", "validation", "test")
 MODE_FOR_SPLIT = {"train": "do_train", "validation": "do_eval", "test": "do_predict"}
@@ -287,7 +289,7 @@ def _clean_split(dataset: datasets.Dataset, split: str,
       desc=f"Dropping empty {split} rows")
   dropped = num_rows - len(dataset)
   if dropped:
-    logging.info("%s: dropped %d of %d rows with an empty or missing %s/%s", split, dropped,
+    log.info("%s: dropped %d of %d rows with an empty or missing %s/%s", split, dropped,
                  num_rows, text_column, summary_column)
   if len(dataset) == 0:
     raise UserError(f"the {split} data has no row with a non-empty text in both "
@@ -297,7 +299,7 @@ def _clean_split(dataset: datasets.Dataset, split: str,
   max_samples = getattr(config, max_key)
   if max_samples is not None:
     if max_samples > len(dataset):
-      logging.info("%s: --%s %d is more than the %d examples; using all of them", split,
+      log.info("%s: --%s %d is more than the %d examples; using all of them", split,
                    max_key, max_samples, len(dataset))
     else:
       dataset = dataset.select(range(max_samples))

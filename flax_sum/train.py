@@ -30,7 +30,7 @@ from flax_sum import steps
 from flax_sum.errors import UserError
 from flax_sum.model import T5, T5Config, init_params
 
-log = logging.getLogger("flax_sum")
+log = logging.getLogger(__name__)
 
 MODEL_FILES = ("config.json", "model.safetensors")
 
@@ -95,20 +95,25 @@ def prepare_output_dir(config) -> pathlib.Path:
   return output_dir
 
 
-def load_model(config, output_dir: pathlib.Path, vocabulary_size: int):
-  """(T5Config, params): pretrained weights, a trained output_dir, or a random init."""
+def use_trained_model_in_output_dir(config, output_dir: pathlib.Path) -> None:
+  """Eval/predict-only runs without --model_name_or_path use the model trained in output_dir."""
+  if (not config.do_train and not config.model_name_or_path
+      and all((output_dir / name).is_file() for name in MODEL_FILES)):
+    log.info("Using the trained model in %s", output_dir)
+    config.model_name_or_path = str(output_dir)
+
+
+def load_model(config, vocabulary_size: int):
+  """(T5Config, params): pretrained weights or a random init of --config_name."""
   if config.model_name_or_path:
     log.info("Loading model %s", config.model_name_or_path)
     model_config, params = hf_checkpoint.load_pretrained(config.model_name_or_path,
                                                          cache_dir=config.cache_dir)
-  elif not config.do_train and all((output_dir / name).is_file() for name in MODEL_FILES):
-    log.info("Loading the trained model in %s", output_dir)
-    model_config, params = hf_checkpoint.load_pretrained(str(output_dir))
   elif config.config_name:
     model_config = T5Config.from_pretrained_json(config.config_name)
     if not config.do_train:
-      log.warning("No trained model found (no --model_name_or_path, nothing in %s): evaluating "
-                  "a randomly initialised model", output_dir)
+      log.warning("No trained model (no --model_name_or_path, none in --output_dir): "
+                  "evaluating a random init of %s", config.config_name)
     params = init_params(model_config, jax.random.PRNGKey(config.seed))
   else:
     raise UserError("no model: pass --model_name_or_path (pretrained) or --config_name "
@@ -116,8 +121,7 @@ def load_model(config, output_dir: pathlib.Path, vocabulary_size: int):
   if vocabulary_size > model_config.vocab_size:
     raise UserError(f"the tokenizer has {vocabulary_size} tokens but the model only "
                     f"{model_config.vocab_size}: pass a matching --tokenizer_name")
-  model_config = dataclasses.replace(model_config, dtype=config.dtype)
-  return model_config, params
+  return dataclasses.replace(model_config, dtype=config.dtype), params
 
 
 def repeat_epochs(dataset, config, global_batch: int) -> Iterator[dict[str, np.ndarray]]:
@@ -243,7 +247,7 @@ def train(config, model, params, train_dataset, output_dir: pathlib.Path, evalua
         train_log.write({"step": step, **evaluate_fn(state.params)})
       interval_start = time.time()
     if (config.save_steps and step % config.save_steps == 0) or is_last:
-      checkpoints.save(manager, step, first_replica(state))
+      checkpoints.save(manager, step, first_replica(state), model.config)
   train_runtime = time.time() - train_start
   manager.wait_until_finished()
   manager.close()
@@ -270,10 +274,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None = 
   log.info("JAX %s on %d %s device(s); output_dir %s", jax.__version__, jax.device_count(),
            jax.default_backend(), output_dir)
 
+  use_trained_model_in_output_dir(config, output_dir)
   tokenizer = input_pipeline.load_tokenizer(config)
   raw_datasets = input_pipeline.load_raw_datasets(config)
   datasets = input_pipeline.tokenize_datasets(raw_datasets, tokenizer, config)
-  model_config, params = load_model(config, output_dir, len(tokenizer))
+  model_config, params = load_model(config, len(tokenizer))
   model = T5(model_config)
   if config.do_train:
     write_json(output_dir / "run_config.json", cli.config_to_dict(config))

@@ -1,5 +1,6 @@
 """Hugging Face checkpoints: exact round trips, strict name checks, config.json compatibility."""
 
+import dataclasses
 import json
 import os
 
@@ -34,7 +35,8 @@ def variant(request):
 def test_round_trip_is_exact(variant, tmp_path):
   config, params = variant
   hf_checkpoint.save_pretrained(str(tmp_path), config, params)
-  assert sorted(os.listdir(tmp_path)) == ["config.json", "model.safetensors"]
+  assert sorted(os.listdir(tmp_path)) == ["config.json", "generation_config.json",
+                                          "model.safetensors"]
   umask = os.umask(0)
   os.umask(umask)
   # Temp files are private; the saved model gets the usual permissions.
@@ -140,6 +142,17 @@ def test_config_json_reads_back_in_transformers(variant, tmp_path):
   assert T5Config.from_hf_dict(hf_config.to_dict()) == config
 
 
+def test_generation_config_reads_back_in_transformers(tmp_path):
+  config = dataclasses.replace(tiny_config(), pad_token_id=3, eos_token_id=5,
+                               decoder_start_token_id=3)
+  hf_checkpoint.save_pretrained(str(tmp_path), config, init_params(config, jax.random.key(9)))
+  generation = transformers.GenerationConfig.from_pretrained(str(tmp_path))
+  assert (generation.decoder_start_token_id, generation.eos_token_id,
+          generation.pad_token_id) == (3, 5, 3)
+  assert hf_checkpoint.generation_config_dict(config) == json.loads(
+      (tmp_path / "generation_config.json").read_text())
+
+
 def test_bundled_t5_small_config_round_trips(tmp_path):
   source = config_lib.ASSETS_DIR / "t5" / "t5-small-config.json"
   config = T5Config.from_pretrained_json(source)
@@ -192,11 +205,18 @@ def test_missing_tensor_on_disk_is_named(tmp_path):
     hf_checkpoint.load_pretrained(str(tmp_path))
 
 
-def test_directory_without_weights_or_config(tmp_path):
+def test_directory_without_weights_or_config(tmp_path, monkeypatch):
   (tmp_path / "config.json").write_text(json.dumps(tiny_config().to_hf_dict()))
-  (tmp_path / "pytorch_model.bin").write_bytes(b"")
+  (tmp_path / "tf_model.h5").write_bytes(b"")
   with pytest.raises(UserError, match=f"no weights in {tmp_path}: expected config.json with "
-                                      "model.safetensors.*pytorch_model.bin"):
+                                      r"model.safetensors.*\(found only tf_model.h5: convert it "
+                                      r"to safetensors\)"):
+    hf_checkpoint.load_pretrained(str(tmp_path))
+  (tmp_path / "pytorch_model.bin").write_bytes(b"")
+  monkeypatch.setattr(hf_checkpoint, "_torch_available", lambda: False)
+  with pytest.raises(UserError, match=f"no weights in {tmp_path}: .*found only "
+                                      "pytorch_model.bin, tf_model.h5: install torch to read it, "
+                                      "or convert it to safetensors"):
     hf_checkpoint.load_pretrained(str(tmp_path))
   empty = tmp_path / "empty"
   empty.mkdir()
@@ -204,10 +224,54 @@ def test_directory_without_weights_or_config(tmp_path):
     hf_checkpoint.load_pretrained(str(empty))
 
 
-def test_uncached_hub_id_offline(tmp_path):
-  with pytest.raises(UserError, match="'google/flan-t5-small' is not in the local cache and the "
-                                      "Hub cannot be reached"):
+def test_uncached_hub_id_offline(tmp_path, monkeypatch):
+  import huggingface_hub
+  monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+  with pytest.raises(UserError, match="'google/flan-t5-small' is not a local directory and is not "
+                                      r"cached \(offline mode, HF_HUB_OFFLINE is set\)"):
     hf_checkpoint.load_pretrained("google/flan-t5-small", cache_dir=str(tmp_path))
+  # The default cache (HF_HOME), as huggingface_hub resolves it.
+  with pytest.raises(UserError) as error:
+    hf_checkpoint.load_pretrained("someone/not-a-real-model")
+  message = str(error.value)
+  assert "\n" not in message
+  assert message.startswith("model 'someone/not-a-real-model' is not a local directory and is "
+                            "not cached")
+  assert message.endswith("pass a local directory holding config.json and model.safetensors, "
+                          "or download the model once while online")
+
+
+def test_missing_local_path_is_not_taken_for_a_hub_id(tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  for path in ("./no/such/dir", "no/such/dir", str(tmp_path / "missing"), "~/no-such-flax-sum"):
+    with pytest.raises(UserError, match=f"model directory {path} does not exist: pass a "
+                                        "directory holding config.json and model.safetensors, "
+                                        "or a Hub model id"):
+      hf_checkpoint.load_pretrained(path)
+  (tmp_path / "weights").write_text("")
+  with pytest.raises(UserError, match="weights is a file: pass the directory"):
+    hf_checkpoint.load_pretrained("weights")
+
+
+def test_hub_model_without_safetensors_downloads_torch_weights(tmp_path, monkeypatch):
+  import huggingface_hub
+  calls = []
+
+  def fake_snapshot_download(model_id, allow_patterns, cache_dir):
+    calls.append(allow_patterns)
+    return str(tmp_path)
+
+  monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+  monkeypatch.setattr(hf_checkpoint, "_torch_available", lambda: True)
+  assert hf_checkpoint.resolve_model_dir("owner/model") == str(tmp_path)
+  assert calls == [hf_checkpoint.HUB_PATTERNS, hf_checkpoint.HUB_TORCH_PATTERNS]
+  # Safetensors present, or no torch to read .bin files: one download only.
+  (tmp_path / "model.safetensors").write_bytes(b"")
+  hf_checkpoint.resolve_model_dir("owner/model")
+  (tmp_path / "model.safetensors").unlink()
+  monkeypatch.setattr(hf_checkpoint, "_torch_available", lambda: False)
+  hf_checkpoint.resolve_model_dir("owner/model")
+  assert calls[2:] == [hf_checkpoint.HUB_PATTERNS] * 2
 
 
 def test_failed_save_keeps_the_previous_model(tmp_path, monkeypatch):
@@ -236,7 +300,7 @@ def test_tokenizer_is_saved_alongside(tmp_path):
   config = tiny_config()
   hf_checkpoint.save_pretrained(str(tmp_path / "out"), config,
                                 init_params(config, jax.random.key(8)), FakeTokenizer())
-  assert sorted(os.listdir(tmp_path / "out")) == ["config.json", "model.safetensors",
-                                                  "spiece.model"]
+  assert sorted(os.listdir(tmp_path / "out")) == ["config.json", "generation_config.json",
+                                                  "model.safetensors", "spiece.model"]
   metadata = safetensors.safe_open(str(tmp_path / "out" / "model.safetensors"), "np").metadata()
   assert metadata == {"format": "pt"}

@@ -153,7 +153,7 @@ def test_empty_and_missing_rows_are_dropped_and_counted(tmp_path, caplog):
   ]
   config = make_config(tmp_path, do_eval=True, text_column="body", summary_column="tldr",
                        validation_file=write_jsonl(tmp_path / "v.jsonl", rows))
-  with caplog.at_level(logging.INFO, logger="absl"):
+  with caplog.at_level(logging.INFO, logger="flax_sum.input_pipeline"):
     raw = input_pipeline.load_raw_datasets(config)
   assert raw["validation"]["id"] == ["0", "5"]
   assert "validation: dropped 4 of 6 rows with an empty or missing body/tldr" in caplog.text
@@ -183,7 +183,7 @@ def test_max_samples_takes_the_first_good_rows(tmp_path, caplog):
                                                      max_train_samples=3))
   assert raw["train"]["body"] == ["text 0", "text 2", "text 3"]
 
-  with caplog.at_level(logging.INFO, logger="absl"):
+  with caplog.at_level(logging.INFO, logger="flax_sum.input_pipeline"):
     raw = input_pipeline.load_raw_datasets(
         make_config(tmp_path, do_predict=True, test_file=path, max_predict_samples=100))
   assert len(raw["test"]) == 5

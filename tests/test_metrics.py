@@ -175,3 +175,12 @@ def test_baseline_runs_as_module(tiny_jsonl):
       [sys.executable, "-m", "flax_sum.baseline", "--file", str(tiny_jsonl), "--lead", "1"],
       capture_output=True, text=True, check=True)
   assert set(json.loads(result.stdout)) == ROUGE_KEYS | {"num_examples"}
+
+
+def test_baseline_max_samples_scores_only_the_first_rows(tiny_jsonl, capsys):
+  assert baseline.main(["--file", str(tiny_jsonl), "--lead", "2", "--max_samples", "1"]) == 0
+  scores = json.loads(capsys.readouterr().out)
+  assert scores["num_examples"] == 1
+  assert scores["rouge1"] == 85.7143  # Example a alone: 6/7.
+  assert baseline.main(["--file", str(tiny_jsonl), "--max_samples", "0"]) == 2
+  assert "--max_samples must be at least 1" in capsys.readouterr().err

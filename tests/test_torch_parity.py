@@ -1,6 +1,8 @@
-"""Our saved checkpoints in transformers' PyTorch T5 give the same outputs as our Flax T5."""
+"""Our saved checkpoints in transformers' PyTorch T5 give the same outputs as our Flax T5, and
+PyTorch `pytorch_model.bin` checkpoints load exactly."""
 
 import dataclasses
+import json
 
 import jax
 import numpy as np
@@ -8,6 +10,7 @@ import pytest
 
 from flax_sum import hf_checkpoint
 from flax_sum.decode import greedy_generate
+from flax_sum.errors import UserError
 from flax_sum.model import T5, T5Config, init_params
 
 torch = pytest.importorskip("torch")
@@ -95,3 +98,55 @@ def test_greedy_generation_matches(models):
   eos_model = T5(dataclasses.replace(model.config, eos_token_id=eos))
   tokens = jax.jit(lambda p: greedy_generate(eos_model, p, input_ids, mask, max_length))(params)
   np.testing.assert_array_equal(np.asarray(tokens), expected)
+
+
+def write_torch_checkpoint(model_dir, config: T5Config, state_dict, num_shards: int = 1) -> None:
+  """A pre-safetensors transformers directory: config.json with pytorch_model.bin (or shards)."""
+  (model_dir / "config.json").write_text(json.dumps(config.to_hf_dict()))
+  if num_shards == 1:
+    torch.save(state_dict, model_dir / "pytorch_model.bin")
+    return
+  names = sorted(state_dict)
+  weight_map = {}
+  for shard in range(num_shards):
+    shard_file = f"pytorch_model-{shard + 1:05d}-of-{num_shards:05d}.bin"
+    shard_names = names[shard::num_shards]
+    torch.save({name: state_dict[name] for name in shard_names}, model_dir / shard_file)
+    weight_map.update(dict.fromkeys(shard_names, shard_file))
+  (model_dir / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": weight_map}))
+
+
+@pytest.mark.parametrize("num_shards", [1, 2])
+def test_pytorch_model_bin_loads_exactly(models, num_shards, tmp_path):
+  model, params, torch_model = models
+  # transformers 5 always saves safetensors; older versions wrote state_dict() with torch.save.
+  state_dict = torch_model.state_dict()
+  half = {name: tensor.to(torch.bfloat16) for name, tensor in state_dict.items()}
+  write_torch_checkpoint(tmp_path, model.config, state_dict if num_shards == 1 else half,
+                         num_shards)
+  config, loaded = hf_checkpoint.load_pretrained(str(tmp_path))
+  assert config == model.config
+  assert jax.tree.structure(loaded) == jax.tree.structure(params)
+  for original, restored in zip(jax.tree.leaves(params), jax.tree.leaves(loaded)):
+    assert restored.dtype == np.float32
+    if num_shards == 1:
+      np.testing.assert_array_equal(restored, original)
+    else:  # bfloat16 weights are read as float32.
+      np.testing.assert_allclose(restored, original, rtol=1e-2, atol=1e-6)
+
+
+def test_unreadable_pytorch_model_bin(tmp_path):
+  config = T5Config(vocab_size=10, d_model=4, d_kv=2, d_ff=8, num_layers=1, num_heads=2)
+  write_torch_checkpoint(tmp_path, config, {})
+  (tmp_path / "pytorch_model.bin").write_bytes(b"not a pickle\n" * 4)
+  with pytest.raises(UserError, match="cannot read the weights file .*pytorch_model.bin: it is "
+                                      "not a PyTorch state dict of tensors"):
+    hf_checkpoint.load_pretrained(str(tmp_path))
+  # A pickled object other than tensors is refused, never executed.
+  torch.save({"shared.weight": torch.ones(2), "hook": _Unsafe()}, tmp_path / "pytorch_model.bin")
+  with pytest.raises(UserError, match="weights_only=True refused it"):
+    hf_checkpoint.load_pretrained(str(tmp_path))
+
+
+class _Unsafe:
+  pass
