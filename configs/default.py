@@ -18,8 +18,9 @@ def get_config():
   config.text_column = "dialogue"
   config.summary_column = "summary"
   config.source_prefix = "summarize: "
-  config.max_source_length = 256
-  config.max_target_length = 64
+  # 90% of the dialogues fit 192 tokens of the prefix and dialogue, 95% of the summaries 48.
+  config.max_source_length = 192
+  config.max_target_length = 48
   config.max_eval_samples = 200
   config.max_predict_samples = 200
 
@@ -29,13 +30,13 @@ def get_config():
   config.do_predict = True
   config.predict_with_generate = True
 
+  # A from-scratch model on a CPU budget: few, large-learning-rate steps (tuning notes: README).
   config.per_device_train_batch_size = 16
-  config.per_device_eval_batch_size = 32
-  config.learning_rate = 1e-3
-  config.warmup_steps = 50
+  config.per_device_eval_batch_size = 40
+  config.learning_rate = 3e-3
+  config.warmup_steps = 40
   config.weight_decay = 0.01
-  config.max_steps = 400
+  config.max_steps = 320
   config.logging_steps = 20
-  config.eval_steps = 200
-  config.save_steps = 200
+  config.save_steps = 100
   return config
