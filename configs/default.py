@@ -18,7 +18,8 @@ def get_config():
   config.text_column = "dialogue"
   config.summary_column = "summary"
   config.source_prefix = "summarize: "
-  # 90% of the dialogues fit 192 tokens of the prefix and dialogue, 95% of the summaries 48.
+  # Whole for about half the dialogues and 70% of the summaries (medians: 204 and 38 tokens);
+  # the openings carry the topic, and shorter sequences buy more steps in the time budget.
   config.max_source_length = 192
   config.max_target_length = 48
   config.max_eval_samples = 200
