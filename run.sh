@@ -20,13 +20,17 @@ print(" ".join(n for n in names if importlib.util.find_spec(n.split(".")[0]) is 
 PY
 }
 
+has_flax_sum() {  # run outside the repository, so its flax_sum/ folder does not count
+  command -v "$1" >/dev/null && (cd / && "$1" -c "import flax_sum") >/dev/null 2>&1
+}
+
 choose_python() {
   if [[ -x .venv/bin/python ]]; then
     PYTHON=.venv/bin/python
-  elif command -v python >/dev/null && python -c "import flax_sum" 2>/dev/null; then
-    PYTHON=python   # an environment that already has flax_sum
-  elif command -v python3 >/dev/null && python3 -c "import flax_sum" 2>/dev/null; then
-    PYTHON=python3
+  elif has_flax_sum python; then
+    PYTHON=$(command -v python)   # an environment that already has flax_sum installed
+  elif has_flax_sum python3; then
+    PYTHON=$(command -v python3)
   else
     local base=${FLAX_SUM_PYTHON:-python3}
     if ! "$base" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then

@@ -37,7 +37,7 @@ def get_config():
   config.learning_rate = 3e-3
   config.warmup_steps = 40
   config.weight_decay = 0.01
-  config.max_steps = 320
+  config.max_steps = 420
   config.logging_steps = 20
   config.save_steps = 100
   return config
