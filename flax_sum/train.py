@@ -141,9 +141,8 @@ def repeat_epochs(dataset, config, global_batch: int) -> Iterator[dict[str, np.n
 class Evaluator:
   """Loss (and, with predict_with_generate, ROUGE) over every example of a split, once each."""
 
-  def __init__(self, config, model, tokenizer, p_eval_step, p_generate_step):
+  def __init__(self, config, tokenizer, p_eval_step, p_generate_step):
     self.config = config
-    self.model = model
     self.tokenizer = tokenizer
     self.p_eval_step = p_eval_step
     self.p_generate_step = p_generate_step
@@ -284,7 +283,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None = 
     write_json(output_dir / "run_config.json", cli.config_to_dict(config))
 
   p_eval_step, p_generate_step = steps.pmap_eval_steps(model, config)
-  evaluator = Evaluator(config, model, tokenizer, p_eval_step, p_generate_step)
+  evaluator = Evaluator(config, tokenizer, p_eval_step, p_generate_step)
   validation_references = (input_pipeline.references(raw_datasets["validation"], config)
                            if "validation" in raw_datasets else None)
 

@@ -154,7 +154,7 @@ def test_config_file_resolves_against_the_repository_root(tmp_path, monkeypatch)
   config = parse("--config=configs/default.py", "--train_file", "mine.jsonl")
   # A source key does not replace an explicit --config base.
   assert config["train_file"] == "mine.jsonl"
-  assert config["learning_rate"] == 1e-3
+  assert config["learning_rate"] == cli.default_config().learning_rate != 5e-5
   assert config["text_column"] == "dialogue"
 
 
@@ -279,8 +279,9 @@ def test_help_lists_every_key_with_its_default(flag, capsys):
       assert f"--{alias} " in text
   flat = " ".join(text.split())  # argparse wraps to the terminal width.
   # Embedded defaults, and Hugging Face's where they differ.
-  assert "Peak learning rate. (default: 0.001; Hugging Face: 5e-05)" in flat
-  assert "(default: 400; Hugging Face: -1)" in flat
+  default = cli.default_config()
+  assert f"Peak learning rate. (default: {default.learning_rate:g}; Hugging Face: 5e-05)" in flat
+  assert f"(default: {default.max_steps}; Hugging Face: -1)" in flat
   assert "(default: 42)" in flat
   assert "(default: flax_sum/assets/dialogsum/train.jsonl; Hugging Face: None)" in flat
   assert str(REPO_ROOT) not in text  # Repository paths are shown relative.
