@@ -292,7 +292,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None = 
                            "eval")
     return results
 
+  # Like the HF Trainer, eval/predict-only runs add to the results of the run they evaluate.
+  all_results_path = output_dir / "all_results.json"
   all_results: dict[str, Any] = {}
+  if not config.do_train and all_results_path.is_file():
+    all_results = json.loads(all_results_path.read_text())
   if config.do_train:
     params, train_results = train(config, model, params, datasets["train"], output_dir,
                                   evaluate_validation if config.do_eval else None)
@@ -317,7 +321,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None = 
     if predictions is not None:
       (output_dir / "generated_predictions.txt").write_text("\n".join(predictions) + "\n")
     log.info("predict: %s", json.dumps(predict_results))
-  write_json(output_dir / "all_results.json", all_results)
+  write_json(all_results_path, all_results)
   return all_results
 
 

@@ -126,6 +126,9 @@ def test_predict_only_in_the_output_dir_uses_the_trained_model(tiny_run):
   assert status == 0
   assert (output_dir / "generated_predictions.txt").read_text() == expected
   assert read_json(output_dir / "predict_results.json")["predict_samples"] == 5
+  # The training run's results stay in all_results.json.
+  all_results = read_json(output_dir / "all_results.json")
+  assert all_results["predict_samples"] == 5 and "train_loss" in all_results
 
 
 def test_a_non_empty_output_dir_is_not_overwritten_without_the_flag(tiny_run, capsys):
