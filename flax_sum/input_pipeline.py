@@ -433,31 +433,20 @@ def num_eval_batches(num_examples: int, global_batch_size: int) -> int:
   return math.ceil(num_examples / global_batch_size)
 
 
-_ARRAYS_CACHE_SIZE = 4
-_arrays_cache: dict[tuple[str, int, int], TokenArrays] = {}
-
-
 def _as_arrays(data: BatchSource, max_source_length: int | None,
                max_target_length: int | None) -> TokenArrays:
+  """Batchers take `to_arrays` output as it is; a dataset or a list of rows is padded here."""
   if isinstance(data, TokenArrays):
     return data
   if max_source_length is None or max_target_length is None:
     raise ValueError("batching a dataset needs max_source_length and max_target_length "
                      "(or pass to_arrays(...) output)")
   if not isinstance(data, datasets.Dataset):  # A list of tokenized example dicts.
-    dataset = datasets.Dataset.from_list(
+    data = datasets.Dataset.from_list(
         [{key: example[key] for key in TOKENIZED_FEATURES} for example in data],
         features=TOKENIZED_FEATURES)
-    return to_arrays(dataset, max_source_length=max_source_length,
-                     max_target_length=max_target_length)
-  # Callers pass the same split every epoch and every evaluation: pad it only once.
-  key = (data._fingerprint, max_source_length, max_target_length)
-  if key not in _arrays_cache:
-    if len(_arrays_cache) >= _ARRAYS_CACHE_SIZE:
-      del _arrays_cache[next(iter(_arrays_cache))]
-    _arrays_cache[key] = to_arrays(data, max_source_length=max_source_length,
-                                   max_target_length=max_target_length)
-  return _arrays_cache[key]
+  return to_arrays(data, max_source_length=max_source_length,
+                   max_target_length=max_target_length)
 
 
 def _check_layout(per_device_batch_size: int, num_devices: int, process_index: int,

@@ -22,6 +22,7 @@ from flax import jax_utils
 
 from flax_sum import checkpoints
 from flax_sum import cli
+from flax_sum import decode
 from flax_sum import hf_checkpoint
 from flax_sum import input_pipeline
 from flax_sum import metrics as metrics_lib
@@ -67,9 +68,6 @@ def prepare_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDi
     config.dtype = "bfloat16"
   if config.dtype not in ("float32", "bfloat16"):
     raise UserError(f"--config.dtype={config.dtype!r} is not supported: use float32 or bfloat16")
-  if config.num_beams and config.num_beams > 1:
-    log.warning("--num_beams %d: beam search is not available yet; generating greedily",
-                config.num_beams)
   for key in ("per_device_train_batch_size", "per_device_eval_batch_size",
               "gradient_accumulation_steps", "max_source_length", "max_target_length",
               "val_max_target_length"):
@@ -276,13 +274,24 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None = 
   use_trained_model_in_output_dir(config, output_dir)
   tokenizer = input_pipeline.load_tokenizer(config)
   raw_datasets = input_pipeline.load_raw_datasets(config)
-  datasets = input_pipeline.tokenize_datasets(raw_datasets, tokenizer, config)
+  tokenized = input_pipeline.tokenize_datasets(raw_datasets, tokenizer, config)
+  # Padded once; every epoch and every evaluation slices these arrays.
+  datasets = {split: input_pipeline.to_arrays(
+      dataset, max_source_length=config.max_source_length,
+      max_target_length=input_pipeline.target_length(config, split))
+              for split, dataset in tokenized.items()}
   model_config, params = load_model(config, len(tokenizer))
   model = T5(model_config)
   if config.do_train:
     write_json(output_dir / "run_config.json", cli.config_to_dict(config))
 
-  p_eval_step, p_generate_step = steps.pmap_eval_steps(model, config)
+  model_dir = (hf_checkpoint.resolve_model_dir(config.model_name_or_path, config.cache_dir)
+               if config.model_name_or_path else None)
+  generation_settings = decode.resolve(config, model_config,
+                                       decode.read_generation_config(model_dir))
+  if config.predict_with_generate:
+    log.info("Generation settings: %s", generation_settings)
+  p_eval_step, p_generate_step = steps.pmap_eval_steps(model, generation_settings)
   evaluator = Evaluator(config, tokenizer, p_eval_step, p_generate_step)
   validation_references = (input_pipeline.references(raw_datasets["validation"], config)
                            if "validation" in raw_datasets else None)
@@ -300,8 +309,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None = 
   if config.do_train:
     params, train_results = train(config, model, params, datasets["train"], output_dir,
                                   evaluate_validation if config.do_eval else None)
-    hf_checkpoint.save_pretrained(output_dir, dataclasses.replace(model_config, dtype="float32"), params,
-                                  tokenizer)
+    hf_checkpoint.save_pretrained(output_dir, dataclasses.replace(model_config, dtype="float32"),
+                                  params, tokenizer, generation_settings.to_hf_dict())
     write_json(output_dir / "train_results.json", train_results)
     all_results.update(train_results)
     log.info("Saved the model to %s", output_dir)
