@@ -1,8 +1,10 @@
 """Orbax checkpoints of the train state under `output_dir/checkpoints/<step>`.
 
-Each step directory holds two items: `state`, the train state written un-replicated (one copy,
-not one per device) with async saves, and `model_config`, the model's Hugging Face config.json
-dict, so that a checkpoint alone can be exported (`python -m flax_sum.export`).
+Each step directory holds: `state`, the train state written un-replicated (one copy, not one
+per device) with async saves; `model_config`, the model's Hugging Face config.json dict, so that
+a checkpoint alone can be exported (`python -m flax_sum.export`); and `progress`, what an exact
+resume needs besides the state (the batch layout it was trained with and the summed loss so far;
+the data position and the dropout keys follow from the step).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from flax_sum.model import T5Config
 CHECKPOINT_SUBDIR = "checkpoints"
 STATE_ITEM = "state"
 MODEL_CONFIG_ITEM = "model_config"
+PROGRESS_ITEM = "progress"
 
 
 def checkpoint_dir(output_dir: str | pathlib.Path) -> pathlib.Path:
@@ -36,32 +39,56 @@ def saved_steps(output_dir: str | pathlib.Path) -> list[int]:
                 if path.is_dir() and path.name.isdigit())
 
 
-def create_manager(output_dir: str | pathlib.Path,
-                   remove_existing: bool = False) -> ocp.CheckpointManager:
-  """A manager for output_dir's checkpoints; `remove_existing` first deletes an earlier run's
-  (a fresh run in an overwritten output_dir must not mix its steps with the old ones)."""
-  if remove_existing:
-    for step in saved_steps(output_dir):
-      shutil.rmtree(checkpoint_dir(output_dir) / str(step))
+def create_manager(output_dir: str | pathlib.Path) -> ocp.CheckpointManager:
   options = ocp.CheckpointManagerOptions(create=True, enable_async_checkpointing=True)
   return ocp.CheckpointManager(checkpoint_dir(output_dir), options=options)
 
 
-def save(manager: ocp.CheckpointManager, step: int, state: Any, model_config: T5Config) -> None:
-  """Starts an async save of the (un-replicated) state and the model's Hugging Face config;
-  `manager.wait_until_finished()` ends it."""
-  manager.save(step, args=ocp.args.Composite(**{
-      STATE_ITEM: ocp.args.StandardSave(state),
-      MODEL_CONFIG_ITEM: ocp.args.JsonSave(model_config.to_hf_dict()),
-  }))
+def remove_all(output_dir: str | pathlib.Path) -> None:
+  """Deletes an earlier run's checkpoints, for a fresh run in an overwritten output_dir."""
+  for step in saved_steps(output_dir):
+    shutil.rmtree(checkpoint_dir(output_dir) / str(step))
 
 
-def restore(output_dir: str | pathlib.Path, step: int, abstract_state: Any) -> Any:
-  """The full train state of `step`, laid out like `abstract_state`."""
-  with ocp.CheckpointManager(checkpoint_dir(output_dir)) as manager:
-    restored = manager.restore(step, args=ocp.args.Composite(**{
-        STATE_ITEM: ocp.args.StandardRestore(abstract_state)}))
-  return restored[STATE_ITEM]
+def set_aside_after(output_dir: str | pathlib.Path, step: int) -> list[pathlib.Path]:
+  """Renames the checkpoints after `step` to `stale-<step>` (never deletes them), so a run
+  resumed from `step` writes its own; returns their new paths."""
+  moved = []
+  for later in (s for s in saved_steps(output_dir) if s > step):
+    target = checkpoint_dir(output_dir) / f"stale-{later}"
+    suffix = 1
+    while target.exists():
+      suffix += 1
+      target = checkpoint_dir(output_dir) / f"stale-{later}-{suffix}"
+    (checkpoint_dir(output_dir) / str(later)).rename(target)
+    moved.append(target)
+  return moved
+
+
+def save(manager: ocp.CheckpointManager, step: int, state: Any, model_config: T5Config,
+         progress: dict[str, Any] | None = None) -> None:
+  """Starts an async save of the (un-replicated) state, the model's Hugging Face config and the
+  training progress; `manager.wait_until_finished()` ends it."""
+  items = {STATE_ITEM: ocp.args.StandardSave(state),
+           MODEL_CONFIG_ITEM: ocp.args.JsonSave(model_config.to_hf_dict())}
+  if progress is not None:
+    items[PROGRESS_ITEM] = ocp.args.JsonSave(progress)
+  manager.save(step, args=ocp.args.Composite(**items))
+
+
+def restore_training(step_dir: pathlib.Path, abstract_state: Any) -> tuple[Any, dict[str, Any]]:
+  """(train state laid out like `abstract_state`, progress) of a step directory."""
+  if not (step_dir / PROGRESS_ITEM).is_dir():
+    raise UserError(f"checkpoint {step_dir} has no training progress (it is incomplete or was "
+                    "written by an older flax-sum): resume from another checkpoint or pass "
+                    "--overwrite_output_dir to start fresh")
+  handlers = {STATE_ITEM: ocp.StandardCheckpointHandler(),
+              PROGRESS_ITEM: ocp.JsonCheckpointHandler()}
+  with ocp.Checkpointer(ocp.CompositeCheckpointHandler(**handlers)) as checkpointer:
+    restored = checkpointer.restore(step_dir, args=ocp.args.Composite(**{
+        STATE_ITEM: ocp.args.StandardRestore(abstract_state),
+        PROGRESS_ITEM: ocp.args.JsonRestore()}))
+  return restored[STATE_ITEM], restored[PROGRESS_ITEM]
 
 
 def _is_step_dir(path: pathlib.Path) -> bool:

@@ -49,7 +49,7 @@ _GROUP_TITLES = {
     "train": "optimisation",
     "generate": "generation",
     "log": "logging, evaluation and saving",
-    "later": "accepted so Hugging Face commands parse, not available yet",
+    "later": "precision and the Hub",
 }
 
 # Every Hugging Face flag name (without `--`) -> its config key.

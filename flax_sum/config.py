@@ -96,19 +96,37 @@ FIELDS: tuple[Field, ...] = (
     Field("max_steps", -1, int, "Optimizer updates to run; overrides num_train_epochs when > 0.",
           "train"),
     # Generation.
-    Field("num_beams", None, int, "Beams for generation (greedy is used now; beam search comes "
-          "with fast decoding).", "generate"),
+    # Each None means: the model's generation_config.json, else its config.json
+    # task_specific_params.summarization, else Hugging Face's default. Flags win over both.
+    Field("num_beams", None, int, "Beams for generation; 1 is greedy (if None: the model's "
+          "setting, else 1).", "generate", aliases=("generation_num_beams",)),
+    Field("generation_max_length", None, int, "Longest generated summary, counting the decoder "
+          "start token as Hugging Face does (if None: val_max_target_length).", "generate"),
+    Field("max_new_tokens", None, int, "Longest generated summary in new tokens; overrides "
+          "generation_max_length and val_max_target_length.", "generate"),
+    Field("min_length", None, int, "Shortest generated summary, counting the decoder start token: "
+          "EOS is banned until then (if None: the model's setting, else 0).", "generate"),
+    Field("length_penalty", None, float, "Beam scores are log-probability sums divided by "
+          "length**length_penalty (if None: the model's setting, else 1.0).", "generate"),
+    Field("no_repeat_ngram_size", None, int, "Never repeat an n-gram of this size; 0 disables (if "
+          "None: the model's setting, else 0).", "generate"),
+    Field("early_stopping", None, bool, "Beam search stops once num_beams hypotheses are finished "
+          "(false: once no running beam can beat them; if None: the model's setting, else "
+          "false).", "generate"),
     # Step-based logging, evaluation and saving.
     Field("logging_steps", 500, int, "Log train loss every N updates.", "log"),
     Field("eval_steps", None, int, "Evaluate every N updates (if None: only at the end).", "log"),
     Field("save_steps", 500, int, "Save a checkpoint every N updates.", "log"),
-    # Not available yet: accepted so seed commands parse, refused with a clear message.
-    Field("resume_from_checkpoint", None, str, "Resume from this checkpoint (not available "
-          "yet).", "later"),
-    Field("push_to_hub", False, bool, "Upload the model to the Hub (not available yet).",
+    # Resuming, the Hub and precision.
+    Field("resume_from_checkpoint", None, str, "Resume training exactly from this checkpoint "
+          "(OUTPUT_DIR/checkpoints/STEP, or an output_dir for its latest); without it, a "
+          "training run resumes from the latest checkpoint in output_dir unless "
+          "--overwrite_output_dir is given.", "log"),
+    Field("push_to_hub", False, bool, "Upload the final model, tokenizer, a model card, results "
+          "and logs (not checkpoints) to the Hub; the login is checked before training.",
           "later"),
-    Field("hub_model_id", None, str, "Repository name on the Hub (not available yet).", "later",
-          aliases=("push_to_hub_model_id",)),
+    Field("hub_model_id", None, str, "Hub repository: NAME (in your namespace) or OWNER/NAME "
+          "(default: output_dir's name).", "later", aliases=("push_to_hub_model_id",)),
     Field("fp16", False, bool, "float16 mixed precision: runs as bfloat16 (T5 overflows in "
           "float16).", "later"),
     Field("bf16", False, bool, "bfloat16 compute.", "later"),

@@ -11,7 +11,7 @@ import importlib.util
 import json
 import os
 import tempfile
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Mapping
 
 import jax
 import numpy as np
@@ -311,10 +311,13 @@ def load_pretrained(model_name_or_path: str,
   return config, params_from_hf_state_dict(config, _read_weights(model_dir))
 
 
-def generation_config_dict(config: T5Config) -> dict[str, Any]:
-  """The generation_config.json that transformers' `GenerationConfig` reads: T5's special ids."""
+def generation_config_dict(config: T5Config,
+                           generation_settings: Mapping[str, Any] | None = None) -> dict[str, Any]:
+  """The generation_config.json that transformers' `GenerationConfig` reads: T5's special ids,
+  plus the generation settings used (`decode.GenerationSettings.to_hf_dict()`) when given."""
   return {"decoder_start_token_id": config.decoder_start_token_id,
-          "eos_token_id": config.eos_token_id, "pad_token_id": config.pad_token_id}
+          "eos_token_id": config.eos_token_id, "pad_token_id": config.pad_token_id,
+          **dict(generation_settings or {})}
 
 
 def _atomic_write(path: str, write: Callable[[str], None]) -> None:
@@ -342,8 +345,8 @@ def _json_writer(payload: dict[str, Any]) -> Callable[[str], None]:
   return write
 
 
-def save_pretrained(out_dir: str, config: T5Config, params: Params,
-                    tokenizer: Any = None) -> None:
+def save_pretrained(out_dir: str, config: T5Config, params: Params, tokenizer: Any = None,
+                    generation_settings: Mapping[str, Any] | None = None) -> None:
   """Writes config.json, model.safetensors and generation_config.json (plus the tokenizer's
   files) that transformers' T5ForConditionalGeneration loads with no missing or unexpected keys.
 
@@ -356,6 +359,6 @@ def save_pretrained(out_dir: str, config: T5Config, params: Params,
                 lambda tmp: safetensors.numpy.save_file(tensors, tmp, metadata={"format": "pt"}))
   _atomic_write(os.path.join(out_dir, CONFIG_FILE), _json_writer(config.to_hf_dict()))
   _atomic_write(os.path.join(out_dir, GENERATION_CONFIG_FILE),
-                _json_writer(generation_config_dict(config)))
+                _json_writer(generation_config_dict(config, generation_settings)))
   if tokenizer is not None:
     tokenizer.save_pretrained(out_dir)

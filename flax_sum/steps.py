@@ -107,10 +107,10 @@ def eval_step(params, batch: Batch, *, apply_fn: Callable[..., Any]) -> dict[str
   return jax.lax.psum(sums, AXIS)
 
 
-def generate_step(params, batch: Batch, *, model, max_length: int) -> jax.Array:
-  """Greedy summaries [per_device_batch, max_length] for this device's rows."""
-  return decode.greedy_generate(model, params, batch["input_ids"], batch["attention_mask"],
-                                max_length)
+def generate_step(params, batch: Batch, *, model,
+                  settings: decode.GenerationSettings) -> jax.Array:
+  """Summaries [per_device_batch, settings.max_new_tokens] for this device's rows."""
+  return decode.generate(model, params, batch["input_ids"], batch["attention_mask"], settings)
 
 
 def pmap_train_step(learning_rate_fn: optax.Schedule, config):
@@ -122,10 +122,9 @@ def pmap_train_step(learning_rate_fn: optax.Schedule, config):
       axis_name=AXIS, in_axes=(0, 0, None), donate_argnums=(0,))
 
 
-def pmap_eval_steps(model, config):
+def pmap_eval_steps(model, settings: decode.GenerationSettings):
   """(p_eval_step, p_generate_step) pmapped over local devices."""
   p_eval_step = jax.pmap(functools.partial(eval_step, apply_fn=model.apply), axis_name=AXIS)
   p_generate_step = jax.pmap(
-      functools.partial(generate_step, model=model, max_length=config.val_max_target_length),
-      axis_name=AXIS)
+      functools.partial(generate_step, model=model, settings=settings), axis_name=AXIS)
   return p_eval_step, p_generate_step

@@ -11,7 +11,9 @@ import json
 import logging
 import math
 import pathlib
+import signal
 import sys
+import threading
 import time
 from typing import Any, Iterator
 
@@ -24,11 +26,12 @@ from flax_sum import checkpoints
 from flax_sum import cli
 from flax_sum import decode
 from flax_sum import hf_checkpoint
+from flax_sum import hub
 from flax_sum import input_pipeline
 from flax_sum import metrics as metrics_lib
 from flax_sum import optim
 from flax_sum import steps
-from flax_sum.errors import UserError
+from flax_sum.errors import RunStopped, UserError
 from flax_sum.model import T5, T5Config, init_params
 
 log = logging.getLogger(__name__)
@@ -54,12 +57,8 @@ def prepare_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDi
     raise UserError("no output directory: pass --output_dir DIR")
   if config.val_max_target_length is None:
     config.val_max_target_length = config.max_target_length
-  if config.resume_from_checkpoint:
-    raise UserError("--resume_from_checkpoint is not available yet in flax-sum (exact resume is "
-                    "coming with Orbax checkpoints); remove it to start a fresh run")
-  if config.push_to_hub or config.hub_model_id:
-    raise UserError("--push_to_hub/--hub_model_id are not available yet in flax-sum; remove them "
-                    "and upload output_dir with `hf upload` after training")
+  if config.hub_model_id and not config.push_to_hub:
+    log.warning("--hub_model_id is used only with --push_to_hub; nothing will be uploaded")
   if config.fp16:
     log.warning("--fp16: T5 overflows in float16, so flax-sum computes in bfloat16 instead "
                 "(same memory and speed on GPUs/TPUs that support it)")
@@ -77,20 +76,30 @@ def prepare_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDi
 
 
 def prepare_output_dir(config) -> pathlib.Path:
-  """Creates output_dir; refuses to write a training run over one that holds another run."""
+  """Creates output_dir; refuses to write a fresh training run over one that holds another."""
   output_dir = pathlib.Path(config.output_dir)
   if output_dir.exists() and not output_dir.is_dir():
     raise UserError(f"--output_dir {output_dir} is a file: choose a directory")
-  if config.do_train and output_dir.is_dir() and any(output_dir.iterdir()):
-    if checkpoints.saved_steps(output_dir) and not config.overwrite_output_dir:
-      raise UserError(f"--output_dir {output_dir} holds checkpoints of an earlier run and "
-                      "resuming is not available yet: pass --overwrite_output_dir to start "
-                      "fresh or choose another --output_dir")
-    if not config.overwrite_output_dir:
-      raise UserError(f"--output_dir {output_dir} is not empty: pass --overwrite_output_dir "
-                      "to write over it or choose another --output_dir")
+  if (config.do_train and not config.overwrite_output_dir and not config.resume_from_checkpoint
+      and output_dir.is_dir() and any(output_dir.iterdir())
+      and not checkpoints.saved_steps(output_dir)):
+    raise UserError(f"--output_dir {output_dir} is not empty and holds no checkpoint to resume: "
+                    "pass --overwrite_output_dir to write over it or choose another --output_dir")
   output_dir.mkdir(parents=True, exist_ok=True)
   return output_dir
+
+
+def checkpoints_to_resume(config, output_dir: pathlib.Path) -> list[pathlib.Path]:
+  """--resume_from_checkpoint, else output_dir's checkpoints latest first unless it is being
+  overwritten (Hugging Face's two ways to resume); empty for a fresh run."""
+  if not config.do_train:
+    return []
+  if config.resume_from_checkpoint:
+    return [checkpoints.find_step_dir(config.resume_from_checkpoint)]
+  if config.overwrite_output_dir:
+    return []
+  directory = checkpoints.checkpoint_dir(output_dir)
+  return [directory / str(step) for step in reversed(checkpoints.saved_steps(output_dir))]
 
 
 def use_trained_model_in_output_dir(config, output_dir: pathlib.Path) -> None:
@@ -122,18 +131,18 @@ def load_model(config, vocabulary_size: int):
   return dataclasses.replace(model_config, dtype=config.dtype), params
 
 
-def repeat_epochs(dataset, config, global_batch: int) -> Iterator[dict[str, np.ndarray]]:
-  epoch = 0
+def repeat_epochs(dataset, config, start_step: int,
+                  steps_per_epoch: int) -> Iterator[dict[str, np.ndarray]]:
+  """Train batches from `start_step` on; the position is index arithmetic, nothing is replayed."""
+  epoch, start_batch = divmod(start_step, steps_per_epoch)
   while True:
     yield from input_pipeline.train_batches(
-        dataset, seed=config.seed, epoch=epoch,
+        dataset, seed=config.seed, epoch=epoch, start_batch=start_batch,
         per_device_batch_size=config.per_device_train_batch_size
         * config.gradient_accumulation_steps,
         num_devices=jax.local_device_count(),
-        max_source_length=config.max_source_length,
-        max_target_length=config.max_target_length,
         process_index=jax.process_index(), process_count=jax.process_count())
-    epoch += 1
+    epoch, start_batch = epoch + 1, 0
 
 
 class Evaluator:
@@ -177,8 +186,8 @@ class Evaluator:
 class TrainLog:
   """`train_log.jsonl` and the console: one record per logging step or evaluation."""
 
-  def __init__(self, path: pathlib.Path):
-    self.file = path.open("w")
+  def __init__(self, path: pathlib.Path, append: bool):
+    self.file = path.open("a" if append else "w")
 
   def write(self, record: dict[str, Any]) -> None:
     self.file.write(json.dumps(record) + "\n")
@@ -190,8 +199,63 @@ class TrainLog:
     self.file.close()
 
 
-def train(config, model, params, train_dataset, output_dir: pathlib.Path, evaluate_fn):
-  """The step loop. Returns (trained params, train_results)."""
+def restore_progress(candidates: list[pathlib.Path], state, expected: dict[str, Any]):
+  """(state, progress, step_dir) of the first candidate checkpoint that can be read; one that
+  cannot is skipped with a warning while an earlier one is left. Refuses a checkpoint that
+  cannot resume exactly (other batch layout, data, schedule or seed)."""
+  for index, step_dir in enumerate(candidates):
+    try:
+      restored, progress = checkpoints.restore_training(step_dir, state)
+    except Exception as error:  # Orbax, JSON and file errors of a partial or corrupt checkpoint.
+      first_line = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+      if index + 1 < len(candidates):
+        log.warning("Skipping checkpoint %s, which cannot be read (%s); trying %s", step_dir,
+                    first_line, candidates[index + 1])
+        continue
+      if isinstance(error, UserError):
+        raise
+      raise UserError(f"checkpoint {step_dir} cannot be restored into this model and optimizer "
+                      f"({first_line}): resume with the settings it was trained with or pass "
+                      "--overwrite_output_dir to start fresh") from error
+    for key, value in expected.items():
+      if progress.get(key) != value:
+        raise UserError(f"checkpoint {step_dir} was trained with {key} {progress.get(key)}, "
+                        f"this run has {value}: resume with the same settings (global batch = "
+                        "per_device_train_batch_size x devices x gradient_accumulation_steps) "
+                        "or pass --overwrite_output_dir to start fresh")
+    return restored, progress, step_dir
+  raise AssertionError("restore_progress needs at least one candidate")
+
+
+class StopSignals:
+  """Records SIGTERM/SIGINT (preemption, Ctrl-C) so the loop can stop after the current step."""
+
+  def __init__(self):
+    self.received: int | None = None
+    self._previous = {}
+
+  def __enter__(self):
+    if threading.current_thread() is threading.main_thread():
+      for signum in (signal.SIGTERM, signal.SIGINT):
+        self._previous[signum] = signal.signal(signum, self._record)
+    return self
+
+  def _record(self, signum, frame):
+    del frame
+    self.received = signum
+
+  def __exit__(self, *exc_info):
+    for signum, handler in self._previous.items():
+      signal.signal(signum, handler)
+
+
+def train(config, model, params, train_dataset, output_dir: pathlib.Path, evaluate_fn,
+          resume_candidates: list[pathlib.Path]):
+  """The step loop, fresh or resumed from the first readable of `resume_candidates`.
+
+  Returns (params, train_results). Raises RunStopped after saving a checkpoint when SIGTERM or
+  SIGINT arrives, and without saving when the loss stops being finite.
+  """
   global_batch = (config.per_device_train_batch_size * config.gradient_accumulation_steps
                   * jax.device_count())
   steps_per_epoch = input_pipeline.steps_per_epoch(len(train_dataset), global_batch)
@@ -200,51 +264,92 @@ def train(config, model, params, train_dataset, output_dir: pathlib.Path, evalua
                     f"global batch of {global_batch}: lower --per_device_train_batch_size")
   total_steps = (config.max_steps if config.max_steps > 0
                  else math.ceil(config.num_train_epochs * steps_per_epoch))
-  log.info("Training %d steps (%.2f epochs of %d examples), global batch %d on %d devices",
-           total_steps, total_steps / steps_per_epoch, len(train_dataset), global_batch,
-           jax.device_count())
+  # What an exact resume needs to be the same: the data order, the schedule, the dropout keys.
+  layout = {"global_batch_size": global_batch, "train_samples": len(train_dataset),
+            "total_steps": total_steps, "seed": config.seed}
 
   learning_rate_fn = optim.create_learning_rate_schedule(config, total_steps)
   state = steps.TrainState.create(apply_fn=model.apply, params=params,
                                   tx=optim.create_optimizer(config, learning_rate_fn))
+  start_step, run_sums = 0, None
+  if resume_candidates:
+    state, progress, resume_from = restore_progress(resume_candidates, state, layout)
+    start_step = progress["step"]
+    run_sums = progress["train_sums"]
+    log.info("Resuming from checkpoint %s at step %d", resume_from, start_step)
+    for stale in checkpoints.set_aside_after(output_dir, start_step):
+      log.warning("Set aside checkpoint %s, which is after the resumed step", stale)
+  else:
+    checkpoints.remove_all(output_dir)
+  log.info("Training steps %d to %d (%.2f epochs of %d examples), global batch %d on %d devices",
+           start_step + 1, total_steps, total_steps / steps_per_epoch, len(train_dataset),
+           global_batch, jax.device_count())
   state = jax_utils.replicate(state)
   p_train_step = steps.pmap_train_step(learning_rate_fn, config)
   dropout_rng = jax.random.PRNGKey(config.seed + 1)
-  manager = checkpoints.create_manager(output_dir, remove_existing=True)
-  train_log = TrainLog(output_dir / "train_log.jsonl")
+  manager = checkpoints.create_manager(output_dir)
+  train_log = TrainLog(output_dir / "train_log.jsonl", append=bool(resume_candidates))
 
-  batches = repeat_epochs(train_dataset, config, global_batch)
-  pending: list[dict[str, jax.Array]] = []
-  run_sums = None
+  batches = repeat_epochs(train_dataset, config, start_step, steps_per_epoch)
+  pending: list[tuple[int, dict[str, jax.Array]]] = []
+  interval_sums = last_metrics = None
   interval_tokens = 0
   interval_start = train_start = time.time()
-  for step in range(1, total_steps + 1):
-    batch = next(batches)
-    interval_tokens += int(batch["attention_mask"].sum() + batch["decoder_attention_mask"].sum())
-    state, step_metrics = p_train_step(state, batch, dropout_rng)
-    pending.append(step_metrics)
-    is_last = step == total_steps
-    if step % config.logging_steps == 0 or is_last:
-      # The only host-device synchronisation of the loop.
-      host_metrics = [first_replica(m) for m in pending]
-      interval = None
-      for m in host_metrics:
-        interval = metrics_lib.accumulate(interval, {"loss": m["loss"],
-                                                     "denominator": m["denominator"]})
-      run_sums = metrics_lib.accumulate(run_sums, interval)
-      elapsed = time.time() - interval_start
-      train_log.write({"step": step, "loss": metrics_lib.finalize(interval)["loss"],
-                       "learning_rate": float(host_metrics[-1]["learning_rate"]),
-                       "grad_norm": float(host_metrics[-1]["grad_norm"]),
-                       "tokens_per_second": interval_tokens / elapsed,
-                       "epoch": round(step / steps_per_epoch, 4)})
-      pending, interval_tokens, interval_start = [], 0, time.time()
-    if config.eval_steps and step % config.eval_steps == 0 and not is_last:
-      if evaluate_fn is not None:
-        train_log.write({"step": step, **evaluate_fn(state.params)})
-      interval_start = time.time()
-    if (config.save_steps and step % config.save_steps == 0) or is_last:
-      checkpoints.save(manager, step, first_replica(state), model.config)
+
+  def flush_pending():
+    """Brings the pending step metrics to the host: the loop's only synchronisation."""
+    nonlocal pending, interval_sums, run_sums, last_metrics
+    for step, metrics in pending:
+      metrics = first_replica(metrics)
+      if not np.isfinite(metrics["loss"]):
+        manager.wait_until_finished()
+        raise RunStopped(
+            f"the training loss is not finite at step {step}; the checkpoints before it are "
+            f"kept in {checkpoints.checkpoint_dir(output_dir)}: lower --learning_rate or use "
+            "--dtype float32, then resume with --resume_from_checkpoint", exit_code=1)
+      sums = {"loss": metrics["loss"], "denominator": metrics["denominator"]}
+      interval_sums = metrics_lib.accumulate(interval_sums, sums)
+      run_sums = metrics_lib.accumulate(run_sums, sums)
+      last_metrics = metrics
+    pending = []
+
+  def save(step):
+    flush_pending()
+    checkpoints.save(manager, step, first_replica(state), model.config,
+                     {"step": step, "train_sums": run_sums, **layout})
+
+  with StopSignals() as stop_signals:
+    for step in range(start_step + 1, total_steps + 1):
+      batch = next(batches)
+      interval_tokens += int(batch["attention_mask"].sum()
+                             + batch["decoder_attention_mask"].sum())
+      state, step_metrics = p_train_step(state, batch, dropout_rng)
+      pending.append((step, step_metrics))
+      is_last = step == total_steps
+      if step % config.logging_steps == 0 or is_last:
+        flush_pending()
+        elapsed = time.time() - interval_start
+        train_log.write({"step": step, "loss": metrics_lib.finalize(interval_sums)["loss"],
+                         "learning_rate": float(last_metrics["learning_rate"]),
+                         "grad_norm": float(last_metrics["grad_norm"]),
+                         "tokens_per_second": interval_tokens / elapsed,
+                         "epoch": round(step / steps_per_epoch, 4)})
+        interval_sums, interval_tokens, interval_start = None, 0, time.time()
+      if config.eval_steps and step % config.eval_steps == 0 and not is_last:
+        if evaluate_fn is not None:
+          train_log.write({"step": step, **evaluate_fn(state.params)})
+        interval_start = time.time()
+      if (config.save_steps and step % config.save_steps == 0) or is_last:
+        save(step)
+      elif stop_signals.received is not None:
+        save(step)
+      if stop_signals.received is not None and not is_last:
+        manager.wait_until_finished()
+        name = signal.Signals(stop_signals.received).name
+        raise RunStopped(f"stopped by {name} after step {step} of {total_steps}; checkpoint "
+                         f"saved in {checkpoints.checkpoint_dir(output_dir) / str(step)}: run "
+                         "the same command again to resume", exit_code=128 + stop_signals.received)
+  steps_run = total_steps - start_step
   train_runtime = time.time() - train_start
   manager.wait_until_finished()
   manager.close()
@@ -254,8 +359,8 @@ def train(config, model, params, train_dataset, output_dir: pathlib.Path, evalua
       "train_loss": metrics_lib.finalize(run_sums)["loss"],
       "train_runtime": round(train_runtime, 4),
       "train_samples": len(train_dataset),
-      "train_samples_per_second": round(total_steps * global_batch / train_runtime, 3),
-      "train_steps_per_second": round(total_steps / train_runtime, 3),
+      "train_samples_per_second": round(steps_run * global_batch / train_runtime, 3),
+      "train_steps_per_second": round(steps_run / train_runtime, 3),
       "epoch": round(total_steps / steps_per_epoch, 4),
   }
   return first_replica(state.params), train_results
@@ -268,6 +373,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None = 
     config.output_dir = workdir
   config = prepare_config(config)
   output_dir = prepare_output_dir(config)
+  resume_candidates = checkpoints_to_resume(config, output_dir)
+  # Checked before any work, so a missing login does not surface after hours of training.
+  hub_target = hub.check_hub_access(config) if config.push_to_hub else None
   log.info("JAX %s on %d %s device(s); output_dir %s", jax.__version__, jax.device_count(),
            jax.default_backend(), output_dir)
 
@@ -308,7 +416,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None = 
     all_results = json.loads(all_results_path.read_text())
   if config.do_train:
     params, train_results = train(config, model, params, datasets["train"], output_dir,
-                                  evaluate_validation if config.do_eval else None)
+                                  evaluate_validation if config.do_eval else None,
+                                  resume_candidates)
     hf_checkpoint.save_pretrained(output_dir, dataclasses.replace(model_config, dtype="float32"),
                                   params, tokenizer, generation_settings.to_hf_dict())
     write_json(output_dir / "train_results.json", train_results)
@@ -331,6 +440,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None = 
       (output_dir / "generated_predictions.txt").write_text("\n".join(predictions) + "\n")
     log.info("predict: %s", json.dumps(predict_results))
   write_json(all_results_path, all_results)
+  if hub_target is not None and jax.process_index() == 0:
+    hub.write_model_card(output_dir, cli.config_to_dict(config), all_results,
+                         repo_id=hub_target.repo_id)
+    log.info("Pushed to the Hub: %s", hub.push_to_hub(hub_target, output_dir))
   return all_results
 
 
@@ -345,6 +458,9 @@ def main(argv: list[str] | None = None) -> int:
   except UserError as error:
     print(f"error: {error}", file=sys.stderr)
     return 2
+  except RunStopped as stopped:
+    print(f"stopped: {stopped}", file=sys.stderr)
+    return stopped.exit_code
   return 0
 
 

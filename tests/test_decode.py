@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from flax_sum.decode import greedy_generate, greedy_search
+from flax_sum.decode import GenerationSettings, greedy_generate, greedy_search
 from flax_sum.model import T5, T5Config, init_decode_cache, init_params
 
 BATCH, SOURCE_LENGTH, MAX_LENGTH, VOCAB = 16, 9, 14, 64
@@ -141,8 +141,8 @@ def test_greedy_search_stops_when_all_rows_end():
     next_tokens = jnp.where(rows == step, eos, 2 + step)
     return jax.nn.one_hot(next_tokens, vocab) + 0 * tokens, step + 1
 
-  search = jax.jit(lambda: greedy_search(tokens_to_logits, jnp.array(0), 3, 10,
-                                         start_token_id=0, eos_token_id=eos, pad_token_id=pad))
+  settings = GenerationSettings(max_new_tokens=10, eos_token_id=eos, pad_token_id=pad)
+  search = jax.jit(lambda: greedy_search(tokens_to_logits, jnp.array(0), 3, settings))
   tokens = np.asarray(search())
   np.testing.assert_array_equal(tokens, [[1, 0, 0, 0, 0, 0, 0, 0, 0, 0],
                                          [2, 1, 0, 0, 0, 0, 0, 0, 0, 0],

@@ -51,12 +51,12 @@ def run(tmp_path_factory):
   output_dir = tmp_path_factory.mktemp("run")
   config = tiny_config()
   params = init_params(config, jax.random.key(0))
-  manager = checkpoints.create_manager(output_dir, remove_existing=True)
+  manager = checkpoints.create_manager(output_dir)
   states = {2: train_state(params),
             # Host numpy arrays, like train.py's un-replicated state.
             4: jax.tree.map(np.asarray, train_state(jax.tree.map(lambda x: x + 1.0, params)))}
   for step, state in states.items():
-    checkpoints.save(manager, step, state, config)
+    checkpoints.save(manager, step, state, config, progress={"step": step})
   manager.wait_until_finished()
   manager.close()
   step_params = {step: state.params for step, state in states.items()}
@@ -77,10 +77,11 @@ def test_load_params_restores_config_and_params_only(run):
   assert_trees_equal(latest, step_params[4])
 
 
-def test_restore_gives_the_full_state(run):
+def test_restore_training_gives_the_full_state_and_progress(run):
   output_dir, _, _, states = run
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), states[4])
-  restored = checkpoints.restore(output_dir, 4, abstract)
+  restored, progress = checkpoints.restore_training(step_dir(output_dir, 4), abstract)
+  assert progress == {"step": 4}
   assert int(restored.step) == 1
   assert_trees_equal(restored.opt_state, states[4].opt_state)
   assert_trees_equal(restored.params, states[4].params)

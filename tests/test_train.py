@@ -4,11 +4,15 @@ import csv
 import json
 import os
 import pathlib
+import shutil
+import signal
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
+from flax_sum import steps
 from flax_sum import train
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -48,15 +52,16 @@ def tiny_run(tmp_path_factory):
   data_flags = ["--text_column", "conversation", "--summary_column", "gist",
                 "--source_prefix", "summarize: ", "--max_source_length", "32",
                 "--max_target_length", "8", "--per_device_eval_batch_size", "1"]
+  train_flags = ["--config_name", str(root / "config.json"), "--train_file", data["train"],
+                 *data_flags, "--per_device_train_batch_size", "2", "--learning_rate", "1e-2",
+                 "--max_steps", "6", "--logging_steps", "2", "--save_steps", "3"]
   status = train.main([
-      "--config_name", str(root / "config.json"), "--train_file", data["train"],
-      "--validation_file", data["validation"], "--test_file", data["test"], *data_flags,
-      "--do_train", "--do_eval", "--do_predict", "--predict_with_generate",
-      "--output_dir", str(output_dir), "--per_device_train_batch_size", "2",
-      "--learning_rate", "1e-2", "--max_steps", "6", "--logging_steps", "2", "--eval_steps", "4",
-      "--save_steps", "3"])
+      *train_flags, "--validation_file", data["validation"], "--test_file", data["test"],
+      "--do_train", "--do_eval", "--do_predict", "--predict_with_generate", "--eval_steps", "4",
+      "--output_dir", str(output_dir)])
   assert status == 0
-  return {"root": root, "data": data, "output_dir": output_dir, "data_flags": data_flags}
+  return {"root": root, "data": data, "output_dir": output_dir, "data_flags": data_flags,
+          "train_flags": train_flags}
 
 
 def read_json(path):
@@ -131,18 +136,64 @@ def test_predict_only_in_the_output_dir_uses_the_trained_model(tiny_run):
   assert all_results["predict_samples"] == 5 and "train_loss" in all_results
 
 
-def test_a_non_empty_output_dir_is_not_overwritten_without_the_flag(tiny_run, capsys):
-  output_dir = tiny_run["output_dir"]
-  weights = (output_dir / "model.safetensors").read_bytes()
-  status = train.main([
-      "--config_name", str(tiny_run["root"] / "config.json"), "--train_file",
-      tiny_run["data"]["train"], *tiny_run["data_flags"], "--do_train",
-      "--output_dir", str(output_dir)])
+def test_a_non_empty_output_dir_without_checkpoints_is_not_overwritten(tiny_run, tmp_path,
+                                                                       capsys):
+  output_dir = tmp_path / "taken"
+  output_dir.mkdir()
+  (output_dir / "notes.txt").write_text("mine")
+  status = train.main([*tiny_run["train_flags"], "--do_train", "--output_dir", str(output_dir)])
   assert status == 2
   error = capsys.readouterr().err.strip()
-  assert error.startswith("error: --output_dir") and "--overwrite_output_dir" in error
+  assert error == (f"error: --output_dir {output_dir} is not empty and holds no checkpoint to "
+                   "resume: pass --overwrite_output_dir to write over it or choose another "
+                   "--output_dir")
+  assert os.listdir(output_dir) == ["notes.txt"]
+
+
+def final_weights(output_dir):
+  return (output_dir / "model.safetensors").read_bytes()
+
+
+def test_resuming_from_the_latest_checkpoint_in_output_dir_is_exact(tiny_run, tmp_path, capsys):
+  # An interrupted run: only the step-3 checkpoint of the 6-step run survived.
+  resumed_dir = tmp_path / "resumed"
+  shutil.copytree(tiny_run["output_dir"] / "checkpoints" / "3",
+                  resumed_dir / "checkpoints" / "3")
+  status = train.main([*tiny_run["train_flags"], "--do_train", "--output_dir", str(resumed_dir)])
+  assert status == 0
+  assert (f"Resuming from checkpoint {resumed_dir.resolve()}/checkpoints/3 at step 3"
+          in capsys.readouterr().out)
+  assert final_weights(resumed_dir) == final_weights(tiny_run["output_dir"])
+  original = read_json(tiny_run["output_dir"] / "train_results.json")
+  resumed = read_json(resumed_dir / "train_results.json")
+  assert resumed["train_loss"] == pytest.approx(original["train_loss"], rel=1e-12)
+  log = [json.loads(line) for line in (resumed_dir / "train_log.jsonl").read_text().splitlines()]
+  assert [r["step"] for r in log] == [4, 6]
+  assert sorted(p.name for p in (resumed_dir / "checkpoints").iterdir()) == ["3", "6"]
+
+
+def test_resume_from_checkpoint_with_overwrite_output_dir_is_exact(tiny_run, tmp_path):
+  # The seed's second way to resume passes both flags.
+  other_dir = tmp_path / "other"
+  other_dir.mkdir()
+  (other_dir / "stale.txt").write_text("old")
+  status = train.main([
+      *tiny_run["train_flags"], "--do_train", "--output_dir", str(other_dir),
+      "--overwrite_output_dir", "--resume_from_checkpoint",
+      str(tiny_run["output_dir"] / "checkpoints" / "3")])
+  assert status == 0
+  assert final_weights(other_dir) == final_weights(tiny_run["output_dir"])
+
+
+def test_resuming_with_another_global_batch_is_refused(tiny_run, tmp_path, capsys):
+  status = train.main([
+      *tiny_run["train_flags"], "--do_train", "--per_device_train_batch_size", "1",
+      "--output_dir", str(tmp_path / "x"), "--resume_from_checkpoint",
+      str(tiny_run["output_dir"] / "checkpoints" / "3")])
+  assert status == 2
+  error = capsys.readouterr().err.strip()
+  assert "was trained with global_batch_size 16, this run has 8" in error
   assert len(error.splitlines()) == 1
-  assert (output_dir / "model.safetensors").read_bytes() == weights
 
 
 def run_cli(*args, cwd):
@@ -164,7 +215,8 @@ def test_the_embedded_default_runs_a_few_steps_through_the_cli(tmp_path):
   result = run_cli("--max_steps", "2", "--logging_steps", "1", "--max_train_samples", "64",
                    "--max_eval_samples", "5", "--max_predict_samples", "3",
                    "--per_device_train_batch_size", "1", "--per_device_eval_batch_size", "1",
-                   "--val_max_target_length", "6", "--output_dir", str(output_dir),
+                   "--val_max_target_length", "6", "--num_beams", "2",
+                   "--no_repeat_ngram_size", "2", "--output_dir", str(output_dir),
                    cwd=REPO_ROOT)
   assert result.returncode == 0, result.stderr[-3000:]
   log = [json.loads(line) for line in (output_dir / "train_log.jsonl").read_text().splitlines()]
@@ -178,3 +230,83 @@ def test_the_embedded_default_runs_a_few_steps_through_the_cli(tmp_path):
       "d_model"]
   run_config = read_json(output_dir / "run_config.json")
   assert run_config["source_prefix"] == "summarize: " and run_config["max_steps"] == 2
+  # The generation settings used in eval are saved with the model (max_length counts the start).
+  generation_config = read_json(output_dir / "generation_config.json")
+  assert generation_config["num_beams"] == 2 and generation_config["max_length"] == 6
+  assert generation_config["no_repeat_ngram_size"] == 2
+  assert generation_config["early_stopping"] is False
+
+
+def test_a_corrupt_latest_checkpoint_is_skipped_and_kept(tiny_run, tmp_path, capsys):
+  resumed_dir = tmp_path / "corrupt"
+  for step in ("3", "6"):
+    shutil.copytree(tiny_run["output_dir"] / "checkpoints" / step,
+                    resumed_dir / "checkpoints" / step)
+  # Truncate the largest file of step 6's state, as a crash mid-copy or a full disk would.
+  state_files = [p for p in (resumed_dir / "checkpoints" / "6" / "state").rglob("*")
+                 if p.is_file()]
+  largest = max(state_files, key=lambda p: p.stat().st_size)
+  largest.write_bytes(largest.read_bytes()[:len(largest.read_bytes()) // 3])
+  status = train.main([*tiny_run["train_flags"], "--do_train", "--output_dir", str(resumed_dir)])
+  assert status == 0
+  out = capsys.readouterr().out
+  assert f"Skipping checkpoint {resumed_dir.resolve()}/checkpoints/6" in out
+  assert "at step 3" in out
+  assert final_weights(resumed_dir) == final_weights(tiny_run["output_dir"])
+  # The unreadable checkpoint was set aside, not deleted.
+  assert sorted(p.name for p in (resumed_dir / "checkpoints").iterdir()) == ["3", "6",
+                                                                             "stale-6"]
+
+
+def _train_step_that(monkeypatch, at_step, action):
+  """Wraps the pmapped train step so that `action(metrics)` runs after step `at_step`."""
+  real = steps.pmap_train_step
+
+  def wrapped_pmap_train_step(*args, **kwargs):
+    p_train_step = real(*args, **kwargs)
+
+    def step_fn(state, batch, rng):
+      new_state, metrics = p_train_step(state, batch, rng)
+      if int(new_state.step[0]) == at_step:
+        metrics = action(metrics)
+      return new_state, metrics
+    return step_fn
+
+  monkeypatch.setattr(steps, "pmap_train_step", wrapped_pmap_train_step)
+
+
+def test_sigterm_saves_a_checkpoint_and_the_rerun_resumes_exactly(tiny_run, tmp_path,
+                                                                   monkeypatch, capsys):
+  output_dir = tmp_path / "preempted"
+
+  def preempt(metrics):
+    os.kill(os.getpid(), signal.SIGTERM)
+    return metrics
+
+  _train_step_that(monkeypatch, 4, preempt)
+  status = train.main([*tiny_run["train_flags"], "--do_train", "--output_dir", str(output_dir)])
+  assert status == 128 + signal.SIGTERM
+  error = capsys.readouterr().err.strip()
+  assert error.startswith("stopped: stopped by SIGTERM after step 4 of 6; checkpoint saved in")
+  assert error.endswith("run the same command again to resume")
+  assert sorted(p.name for p in (output_dir / "checkpoints").iterdir()) == ["3", "4"]
+  assert not (output_dir / "model.safetensors").exists()
+  assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # The handler was put back.
+
+  monkeypatch.undo()
+  status = train.main([*tiny_run["train_flags"], "--do_train", "--output_dir", str(output_dir)])
+  assert status == 0
+  assert "at step 4" in capsys.readouterr().out
+  assert final_weights(output_dir) == final_weights(tiny_run["output_dir"])
+
+
+def test_a_non_finite_loss_stops_the_run_and_keeps_the_good_checkpoints(tiny_run, tmp_path,
+                                                                        monkeypatch, capsys):
+  output_dir = tmp_path / "diverged"
+  _train_step_that(monkeypatch, 5, lambda metrics: {**metrics, "loss": metrics["loss"] * np.nan})
+  status = train.main([*tiny_run["train_flags"], "--do_train", "--output_dir", str(output_dir)])
+  assert status == 1
+  error = capsys.readouterr().err.strip()
+  assert error.startswith("stopped: the training loss is not finite at step 5;")
+  assert sorted(p.name for p in (output_dir / "checkpoints").iterdir()) == ["3"]
+  assert not (output_dir / "model.safetensors").exists()
