@@ -9,6 +9,7 @@ import ml_collections
 import numpy as np
 import pytest
 
+import helpers
 from flax_sum import decode
 from flax_sum.decode import GenerationSettings, beam_search, generate, greedy_search
 from flax_sum.errors import UserError
@@ -18,19 +19,12 @@ BATCH, SOURCE_LENGTH, MAX_NEW_TOKENS, VOCAB = 16, 9, 12, 48
 
 
 def tiny_config(feed_forward_proj: str, tied: bool) -> T5Config:
-  return T5Config(vocab_size=VOCAB, d_model=16, d_kv=4, d_ff=24, num_layers=2,
-                  num_decoder_layers=2, num_heads=4, relative_attention_num_buckets=8,
-                  relative_attention_max_distance=10, feed_forward_proj=feed_forward_proj,
-                  tie_word_embeddings=tied)
+  return helpers.tiny_t5_config(feed_forward_proj, tied, vocab_size=VOCAB, d_model=16, d_kv=4,
+                                d_ff=24)
 
 
 def inputs():
-  rng = np.random.default_rng(1)
-  input_ids = rng.integers(2, VOCAB, (BATCH, SOURCE_LENGTH)).astype(np.int32)
-  mask = np.ones_like(input_ids)
-  for row in range(0, BATCH, 3):
-    mask[row, SOURCE_LENGTH - 1 - row % 5:] = 0
-  return input_ids * mask, mask
+  return helpers.padded_source_batch(BATCH, SOURCE_LENGTH, VOCAB, seed=1)
 
 
 def ban_ngrams_reference(scores: np.ndarray, tokens: list[int], n: int) -> None:

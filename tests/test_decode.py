@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import helpers
 from flax_sum.decode import GenerationSettings, greedy_generate, greedy_search
 from flax_sum.model import T5, T5Config, init_decode_cache, init_params
 
@@ -14,20 +15,12 @@ BATCH, SOURCE_LENGTH, MAX_LENGTH, VOCAB = 16, 9, 14, 64
 
 
 def tiny_config(feed_forward_proj: str, tied: bool) -> T5Config:
-  # max_distance < MAX_LENGTH so decoding also crosses into the logarithmic buckets.
-  return T5Config(vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=48, num_layers=2,
-                  num_decoder_layers=2, num_heads=4, relative_attention_num_buckets=8,
-                  relative_attention_max_distance=10, feed_forward_proj=feed_forward_proj,
-                  tie_word_embeddings=tied)
+  return helpers.tiny_t5_config(feed_forward_proj, tied, vocab_size=VOCAB, d_model=32, d_kv=8,
+                                d_ff=48)
 
 
 def inputs():
-  rng = np.random.default_rng(0)
-  input_ids = rng.integers(2, VOCAB, (BATCH, SOURCE_LENGTH)).astype(np.int32)
-  mask = np.ones_like(input_ids)
-  for row in range(0, BATCH, 3):
-    mask[row, SOURCE_LENGTH - 1 - row % 5:] = 0
-  return input_ids * mask, mask
+  return helpers.padded_source_batch(BATCH, SOURCE_LENGTH, VOCAB, seed=0)
 
 
 def uncached_greedy(model: T5, params, input_ids, mask) -> np.ndarray:

@@ -9,9 +9,9 @@ import jax
 import numpy as np
 import optax
 import pytest
-import safetensors.numpy
 import transformers
 
+import helpers
 from flax_sum import checkpoints
 from flax_sum import config as config_lib
 from flax_sum import export
@@ -221,12 +221,7 @@ def test_failed_export_keeps_the_previous_model(run, tmp_path, monkeypatch):
   assert export.main([str(step_dir(output_dir, 2)), str(out)]) == 0
   before = {name: (out / name).read_bytes() for name in os.listdir(out)}
 
-  def failing_save(tensors, path, metadata=None):
-    with open(path, "wb") as f:
-      f.write(b"partial")
-    raise OSError("disk full")
-
-  monkeypatch.setattr(safetensors.numpy, "save_file", failing_save)
+  helpers.make_safetensors_fail(monkeypatch)
   with pytest.raises(OSError, match="disk full"):
     export.main([str(output_dir), str(out), "--overwrite"])
   assert {name: (out / name).read_bytes() for name in os.listdir(out)} == before

@@ -10,6 +10,7 @@ import pytest
 import safetensors.numpy
 import transformers
 
+import helpers
 from flax_sum import config as config_lib
 from flax_sum import hf_checkpoint
 from flax_sum.errors import UserError
@@ -279,12 +280,7 @@ def test_failed_save_keeps_the_previous_model(tmp_path, monkeypatch):
   hf_checkpoint.save_pretrained(str(tmp_path), config, init_params(config, jax.random.key(6)))
   before = {name: (tmp_path / name).read_bytes() for name in os.listdir(tmp_path)}
 
-  def failing_save(tensors, path, metadata=None):
-    with open(path, "wb") as f:
-      f.write(b"partial")
-    raise OSError("disk full")
-
-  monkeypatch.setattr(safetensors.numpy, "save_file", failing_save)
+  helpers.make_safetensors_fail(monkeypatch)
   with pytest.raises(OSError, match="disk full"):
     hf_checkpoint.save_pretrained(str(tmp_path), config, init_params(config, jax.random.key(7)))
   after = {name: (tmp_path / name).read_bytes() for name in os.listdir(tmp_path)}
