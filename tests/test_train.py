@@ -310,3 +310,29 @@ def test_a_non_finite_loss_stops_the_run_and_keeps_the_good_checkpoints(tiny_run
   assert error.startswith("stopped: the training loss is not finite at step 5;")
   assert sorted(p.name for p in (output_dir / "checkpoints").iterdir()) == ["3"]
   assert not (output_dir / "model.safetensors").exists()
+
+
+def test_kill_9_mid_run_then_rerun_ends_with_identical_weights(tiny_run, tmp_path):
+  flags = [*tiny_run["train_flags"], "--do_train", "--max_steps", "150", "--save_steps", "10",
+           "--logging_steps", "1"]
+  reference_dir = tmp_path / "uninterrupted"
+  assert train.main([*flags, "--output_dir", str(reference_dir)]) == 0
+
+  killed_dir = tmp_path / "killed"
+  for kill_after_step in (35, 95):
+    process = subprocess.Popen([sys.executable, "-m", "flax_sum.train", *flags,
+                                "--output_dir", str(killed_dir)], cwd=REPO_ROOT,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log_path = killed_dir / "train_log.jsonl"
+    last_step = 0
+    while process.poll() is None and last_step < kill_after_step:
+      if log_path.exists():
+        lines = log_path.read_text().splitlines()
+        last_step = json.loads(lines[-1])["step"] if lines and lines[-1].endswith("}") else 0
+    process.kill()  # SIGKILL: no handler runs, a checkpoint write may be cut short.
+    process.wait(timeout=60)
+    assert process.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    assert not (killed_dir / "model.safetensors").exists()
+
+  assert train.main([*flags, "--output_dir", str(killed_dir)]) == 0
+  assert final_weights(killed_dir) == final_weights(reference_dir)
