@@ -264,6 +264,16 @@ def _apply(config: ml_collections.ConfigDict, override: _Override) -> None:
     raise UserError(f"{override.flag}: cannot set {override.value!r}: {_one_line(exc)}") from exc
 
 
+def parse_bool(text: str) -> bool:
+  """true/false, t/f, yes/no, y/n or 1/0, in any case; anything else is a ValueError."""
+  lowered = text.strip().lower()
+  if lowered in _TRUE_WORDS:
+    return True
+  if lowered in _FALSE_WORDS:
+    return False
+  raise ValueError(f"expected true or false, got {text!r}")
+
+
 def _parse_value(flag: str, text: str, value_type: type, nullable: bool) -> Any:
   """Parses `text` as `value_type`; `None` means None for keys whose default is None."""
   if nullable and text == "None":
@@ -273,11 +283,10 @@ def _parse_value(flag: str, text: str, value_type: type, nullable: bool) -> Any:
     raise UserError(f"{flag} has type {value_type.__name__}, which the command line cannot set; "
                     "set it in a --config file")
   if value_type is bool:
-    lowered = text.strip().lower()
-    if lowered in _TRUE_WORDS:
-      return True
-    if lowered in _FALSE_WORDS:
-      return False
+    try:
+      return parse_bool(text)
+    except ValueError:
+      pass
   elif value_type is int:
     try:
       return int(text)

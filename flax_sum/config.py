@@ -117,7 +117,7 @@ FIELDS: tuple[Field, ...] = (
     Field("logging_steps", 500, int, "Log train loss every N updates.", "log"),
     Field("eval_steps", None, int, "Evaluate every N updates (if None: only at the end).", "log"),
     Field("save_steps", 500, int, "Save a checkpoint every N updates.", "log"),
-    # Resuming, the Hub and precision.
+    # Resuming (listed with checkpoints), the Hub and precision.
     Field("resume_from_checkpoint", None, str, "Resume training exactly from this checkpoint "
           "(OUTPUT_DIR/checkpoints/STEP, or an output_dir for its latest); without it, a "
           "training run resumes from the latest checkpoint in output_dir unless "

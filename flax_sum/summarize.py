@@ -22,6 +22,8 @@ from flax import jax_utils
 import numpy as np
 import tqdm
 
+from flax_sum import cli
+from flax_sum import config as config_lib
 from flax_sum import decode
 from flax_sum import hf_checkpoint
 from flax_sum import input_pipeline
@@ -54,11 +56,16 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _boolean(text: str) -> bool:
-  value = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}.get(
-      text.lower())
-  if value is None:
-    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
-  return value
+  try:
+    return cli.parse_bool(text)
+  except ValueError as error:
+    raise argparse.ArgumentTypeError(str(error)) from error
+
+
+# The generation keys of the run config, as flags of the same names, except that
+# generation_max_length is `--max_length`, as in `generate()`.
+GENERATION_FIELDS = tuple(f for f in config_lib.FIELDS if f.group == "generate")
+FLAG_NAMES = {"generation_max_length": ("--max_length",)}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -82,19 +89,12 @@ def _parser() -> argparse.ArgumentParser:
   parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                       help="compute dtype (default: float32)")
   group = parser.add_argument_group("generation (default: the model's setting)")
-  group.add_argument("--num_beams", type=int, metavar="N", help="beams; 1 is greedy")
-  group.add_argument("--max_length", type=int, metavar="N",
-                     help="longest summary, counting the decoder start token")
-  group.add_argument("--max_new_tokens", type=int, metavar="N",
-                     help="longest summary in new tokens (overrides --max_length)")
-  group.add_argument("--min_length", type=int, metavar="N",
-                     help="shortest summary, counting the decoder start token")
-  group.add_argument("--length_penalty", type=float, metavar="X",
-                     help="beam scores are log-probability sums / length**X")
-  group.add_argument("--no_repeat_ngram_size", type=int, metavar="N",
-                     help="never repeat an n-gram of this size (0: off)")
-  group.add_argument("--early_stopping", type=_boolean, metavar="BOOL",
-                     help="true: stop a row once num_beams hypotheses are finished")
+  for field in GENERATION_FIELDS:
+    flags = FLAG_NAMES.get(field.key, (f"--{field.key}",))
+    value_type = _boolean if field.type is bool else field.type
+    group.add_argument(*flags, dest=field.key, type=value_type,
+                       metavar="BOOL" if field.type is bool else field.type.__name__.upper(),
+                       help=field.help)
   return parser
 
 
@@ -152,11 +152,7 @@ def _read_rows(path: pathlib.Path) -> Iterator[Any]:
 
 
 def _generation_overrides(args: argparse.Namespace) -> dict[str, Any]:
-  return {"num_beams": args.num_beams, "generation_max_length": args.max_length,
-          "max_new_tokens": args.max_new_tokens, "min_length": args.min_length,
-          "length_penalty": args.length_penalty,
-          "no_repeat_ngram_size": args.no_repeat_ngram_size,
-          "early_stopping": args.early_stopping}
+  return {field.key: getattr(args, field.key) for field in GENERATION_FIELDS}
 
 
 class Summarizer:

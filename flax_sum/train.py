@@ -49,7 +49,7 @@ def write_json(path: pathlib.Path, payload: dict[str, Any]) -> None:
 
 
 def prepare_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """Fills derived values and refuses what is not available yet, before any work is done."""
+  """Fills derived values and refuses inconsistent settings, before any work is done."""
   config = ml_collections.ConfigDict(config.to_dict())
   if not (config.do_train or config.do_eval or config.do_predict):
     raise UserError("nothing to do: pass --do_train, --do_eval and/or --do_predict")
