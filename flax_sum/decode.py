@@ -162,9 +162,10 @@ def process_log_probs(log_probs: Array, sequences: Array, cur_len: Array,
     matches = jnp.all(windows[..., :-1] == prefix[:, None, :], axis=-1)
     # Only windows ending before cur_len are complete; none are until cur_len >= n.
     matches &= (jnp.arange(length - n + 1) <= cur_len - n)[None, :]
-    banned = jnp.zeros((rows, vocab), bool).at[
-        jnp.arange(rows)[:, None], windows[..., -1]].max(matches)
-    log_probs = jnp.where(banned, -jnp.inf, log_probs)
+    # A scatter of -inf at the (few) banned tokens; non-matching windows point past the vocab
+    # and are dropped.
+    banned = jnp.where(matches, windows[..., -1], vocab)
+    log_probs = log_probs.at[jnp.arange(rows)[:, None], banned].set(-jnp.inf, mode="drop")
   return log_probs
 
 
@@ -284,7 +285,8 @@ def beam_search(tokens_to_logits: TokensToLogits, cache: Cache, batch_size: int,
 
 
 def _skip_encoder_cache(cache: Cache, indices: Array) -> Cache:
-  """`gather_cache` that leaves the cross-attention keys/values alone: a row's beams share them."""
+  """`gather_cache` that leaves the cross-attention keys/values alone: they are stored once per
+  input, shared by its beams."""
   def gather(path, x):
     if x.ndim == 0 or any(getattr(p, "key", None) == "EncDecAttention" for p in path):
       return x
@@ -302,11 +304,9 @@ def generate(model: model_lib.T5, params: Any, input_ids: Array, attention_mask:
   variables = {"params": params}
   batch_size = input_ids.shape[0]
   encoded = model.apply(variables, input_ids, attention_mask, method=model_lib.T5.encode)
-  if settings.num_beams > 1:
-    expand = lambda x: jnp.repeat(x, settings.num_beams, axis=0)
-    encoded, attention_mask = expand(encoded), expand(attention_mask)
+  # The beams of an input share its encoder keys/values (see model_lib.T5Attention).
   cache = model_lib.init_decode_cache(model, params, encoded, attention_mask,
-                                      settings.max_new_tokens)
+                                      settings.max_new_tokens, rows_per_input=settings.num_beams)
 
   def tokens_to_logits(tokens: Array, cache: Cache) -> tuple[Array, Cache]:
     logits, updated = model.apply({"params": params, "cache": cache}, encoded, attention_mask,

@@ -233,14 +233,21 @@ class T5Attention(nn.Module):
   def __call__(self, x: Array, kv_source: Array | None = None, mask: Array | None = None,
                position_bias: Array | None = None, deterministic: bool = True,
                decode: bool = False) -> tuple[Array, Array | None]:
-    cfg = self.config
-    inner_dim = cfg.num_heads * cfg.d_kv
-    batch, length = x.shape[:2]
-    heads = lambda t: t.reshape(t.shape[:2] + (cfg.num_heads, cfg.d_kv))
+    """Attention output [batch, length, d_model] and the position bias it used.
 
-    query = heads(self._dense(inner_dim, "q")(x))
-    project_key = self._dense(inner_dim, "k")
-    project_value = self._dense(inner_dim, "v")
+    `kv_source` (cross-attention) may hold fewer rows than `x`: every group of batch // rows
+    consecutive query rows attends to one source row, as the beams of one input do, so the
+    encoder keys/values are computed and cached once per input rather than once per beam.
+    """
+    cfg = self.config
+    batch, length = x.shape[:2]
+    # Heads-major [batch, heads, length, d_kv]: the layout of the attention matmuls and of the
+    # cache, so that a decoding step does not transpose the cached keys/values.
+    split_heads = lambda t: jnp.swapaxes(
+        t.reshape(t.shape[:2] + (cfg.num_heads, cfg.d_kv)), 1, 2)
+    query = split_heads(self._dense(cfg.num_heads * cfg.d_kv, "q")(x))
+    project_key = self._dense(cfg.num_heads * cfg.d_kv, "k")
+    project_value = self._dense(cfg.num_heads * cfg.d_kv, "v")
     query_offset = 0
 
     if kv_source is not None:
@@ -249,14 +256,14 @@ class T5Attention(nn.Module):
         key = self.get_variable("cache", "cached_key")
         value = self.get_variable("cache", "cached_value")
       else:
-        key = heads(project_key(kv_source))
-        value = heads(project_value(kv_source))
+        key = split_heads(project_key(kv_source))
+        value = split_heads(project_value(kv_source))
         if decode:
           self.variable("cache", "cached_key", lambda: key)
           self.variable("cache", "cached_value", lambda: value)
     else:
-      key = heads(project_key(x))
-      value = heads(project_value(x))
+      key = split_heads(project_key(x))
+      value = split_heads(project_value(x))
       if decode:
         is_initialized = self.has_variable("cache", "cached_key")
         cached_key = self.variable("cache", "cached_key", jnp.zeros, key.shape, key.dtype)
@@ -267,27 +274,29 @@ class T5Attention(nn.Module):
             raise ValueError(f"a cached decoding step takes one token per call, got {length}")
           index = cache_index.value
           key = jax.lax.dynamic_update_slice(cached_key.value, key.astype(cached_key.value.dtype),
-                                             (0, index, 0, 0))
+                                             (0, 0, index, 0))
           value = jax.lax.dynamic_update_slice(
-              cached_value.value, value.astype(cached_value.value.dtype), (0, index, 0, 0))
+              cached_value.value, value.astype(cached_value.value.dtype), (0, 0, index, 0))
           cached_key.value, cached_value.value = key, value
           cache_index.value = index + 1
           query_offset = index
           # Attend to the tokens decoded so far; the causal/padding mask passed in is ignored.
-          mask = (jnp.arange(key.shape[1]) <= index)[None, None, None, :]
+          mask = (jnp.arange(key.shape[2]) <= index)[None, None, None, :]
 
     if position_bias is None and self.has_relative_attention_bias:
-      position_bias = self._relative_bias(length, key.shape[1], query_offset)
+      position_bias = self._relative_bias(length, key.shape[2], query_offset)
 
-    scores = jnp.einsum("bqhd,bkhd->bhqk", query, key, preferred_element_type=jnp.float32)
+    # [source rows, group, heads, query, key]; the group is 1 unless queries share a source row.
+    query = query.reshape((key.shape[0], batch // key.shape[0]) + query.shape[1:])
+    scores = jnp.einsum("bghqd,bhkd->bghqk", query, key, preferred_element_type=jnp.float32)
     if position_bias is not None:
-      scores = scores + position_bias
+      scores = scores + position_bias[:, None]
     if mask is not None:
-      scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+      scores = jnp.where(mask[:, None], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1)
     probs = nn.Dropout(cfg.dropout_rate)(probs, deterministic=deterministic)
-    out = jnp.einsum("bhqk,bkhd->bqhd", probs.astype(cfg.dtype), value.astype(cfg.dtype))
-    out = out.reshape(batch, length, inner_dim)
+    out = jnp.einsum("bghqk,bhkd->bgqhd", probs.astype(cfg.dtype), value.astype(cfg.dtype))
+    out = out.reshape(batch, length, cfg.num_heads * cfg.d_kv)
     out = self._dense(cfg.d_model, "o")(out)
     return out, position_bias
 
@@ -493,15 +502,17 @@ def init_params(config: T5Config, rng: Array) -> Any:
 
 
 def init_decode_cache(model: T5, params: Any, encoded: Array, attention_mask: Array,
-                      max_length: int) -> Any:
+                      max_length: int, rows_per_input: int = 1) -> Any:
   """The 'cache' collection for decoding up to `max_length` tokens after the start token.
 
-  The cache holds the encoder keys/values of `encoded`, so build it from the real encoder
-  output. It runs a full-length decoder pass whose logits are discarded: under `jax.jit`
-  only the encoder key/value projections survive dead-code elimination.
+  The cache holds the encoder keys/values of `encoded` once per input and decoder self-attention
+  room for `rows_per_input` rows per input (the beams; row b * rows_per_input + i decodes for
+  input b). Build it from the real encoder output: it runs a full-length decoder pass whose
+  logits are discarded, and under `jax.jit` only the encoder key/value projections survive
+  dead-code elimination.
   """
-  batch = encoded.shape[0]
-  dummy_ids = jnp.zeros((batch, max_length), jnp.int32)
+  rows = encoded.shape[0] * rows_per_input
+  dummy_ids = jnp.zeros((rows, max_length), jnp.int32)
   _, variables = model.apply({"params": params}, encoded, attention_mask, dummy_ids,
                              decode=True, mutable=["cache"], method=T5.decode)
   return variables["cache"]

@@ -94,7 +94,7 @@ def test_cached_equals_uncached_under_pmap(setup):
   np.testing.assert_array_equal(tokens.reshape(BATCH, MAX_LENGTH), expected)
 
 
-@pytest.mark.parametrize("dtype,atol", [(jnp.float32, 1e-5), (jnp.bfloat16, 0.15)])
+@pytest.mark.parametrize("dtype,atol", [(jnp.float32, 2e-5), (jnp.bfloat16, 0.15)])
 def test_cached_steps_equal_full_pass_logits(setup, dtype, atol):
   model, params, input_ids, mask, expected = setup
   model = T5(dataclasses.replace(model.config, dtype=dtype))
