@@ -169,6 +169,15 @@ def process_log_probs(log_probs: Array, sequences: Array, cur_len: Array,
   return log_probs
 
 
+def first_argmax(scores: Array) -> Array:
+  """`jnp.argmax(scores, -1)` (the first index of the maximum) as int32, as two vectorised
+  reductions: XLA's CPU argmax is a scalar loop, 7x slower over a 32k vocabulary."""
+  vocab = scores.shape[-1]
+  is_best = scores == jnp.max(scores, axis=-1, keepdims=True)
+  first = jnp.min(jnp.where(is_best, jnp.arange(vocab, dtype=jnp.int32), vocab), axis=-1)
+  return jnp.minimum(first, vocab - 1)  # A row of NaNs has no maximum.
+
+
 def greedy_search(tokens_to_logits: TokensToLogits, cache: Cache, batch_size: int,
                   settings: GenerationSettings) -> Array:
   """Argmax decoding (after the logits processors), stopping once every row has EOS.
@@ -190,7 +199,7 @@ def greedy_search(tokens_to_logits: TokensToLogits, cache: Cache, batch_size: in
     last_tokens = jax.lax.dynamic_slice_in_dim(sequences, step, 1, axis=1)
     logits, cache = tokens_to_logits(last_tokens, cache)
     scores = process_log_probs(logits.astype(jnp.float32), sequences, step + 1, settings)
-    next_tokens = jnp.argmax(scores, axis=-1).astype(jnp.int32)
+    next_tokens = first_argmax(scores)
     next_tokens = jnp.where(finished, pad, next_tokens)
     sequences = jax.lax.dynamic_update_slice(sequences, next_tokens[:, None], (0, step + 1))
     finished = finished | (next_tokens == settings.eos_token_id)

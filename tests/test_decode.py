@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import helpers
-from flax_sum.decode import GenerationSettings, greedy_generate, greedy_search
+from flax_sum.decode import GenerationSettings, first_argmax, greedy_generate, greedy_search
 from flax_sum.model import T5, T5Config, init_decode_cache, init_params
 
 BATCH, SOURCE_LENGTH, MAX_LENGTH, VOCAB = 16, 9, 14, 64
@@ -141,3 +141,14 @@ def test_greedy_search_stops_when_all_rows_end():
                                          [2, 1, 0, 0, 0, 0, 0, 0, 0, 0],
                                          [2, 3, 1, 0, 0, 0, 0, 0, 0, 0]])
   assert len(calls) == 3
+
+
+def test_first_argmax_matches_argmax_with_ties_and_infinities():
+  scores = np.array(jax.random.normal(jax.random.key(0), (6, 1000)))
+  scores[1, [7, 9]] = 50.0  # A tie: the first index wins, as in jnp.argmax.
+  scores[2, 3] = np.inf
+  scores[3, :] = -np.inf
+  scores[4, -1] = 60.0
+  expected = np.argmax(scores, axis=-1)
+  np.testing.assert_array_equal(jax.jit(first_argmax)(scores), expected)
+  assert expected[1] == 7 and expected[3] == 0 and expected[4] == 999
