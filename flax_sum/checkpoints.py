@@ -4,14 +4,19 @@ Each step directory holds: `state`, the train state written un-replicated (one c
 per device) with async saves; `model_config`, the model's Hugging Face config.json dict, so that
 a checkpoint alone can be exported (`python -m flax_sum.export`); and `progress`, what an exact
 resume needs besides the state (the batch layout it was trained with and the summed loss so far;
-the data position and the dropout keys follow from the step).
+the data position and the dropout keys follow from the step), plus the eval metrics of the
+step when it was evaluated, from which the best checkpoint is found again after a resume.
+
+`save_total_limit` retention is ours rather than Orbax's `max_to_keep`: it runs only when no save
+is in flight (so the checkpoint a run resumed from outlives the first newer complete one), keeps
+the best checkpoint as Hugging Face does, and leaves `stale-<step>` directories alone.
 """
 
 from __future__ import annotations
 
 import pathlib
 import shutil
-from typing import Any
+from typing import Any, Sequence
 
 import jax
 import numpy as np
@@ -24,6 +29,9 @@ CHECKPOINT_SUBDIR = "checkpoints"
 STATE_ITEM = "state"
 MODEL_CONFIG_ITEM = "model_config"
 PROGRESS_ITEM = "progress"
+# A checkpoint being deleted is renamed first, so a deletion cut short never leaves a partial
+# directory that looks like a step.
+DELETING_PREFIX = "deleting-"
 
 
 def checkpoint_dir(output_dir: str | pathlib.Path) -> pathlib.Path:
@@ -65,6 +73,44 @@ def set_aside_after(output_dir: str | pathlib.Path, step: int) -> list[pathlib.P
   return moved
 
 
+def steps_to_keep(steps: Sequence[int], limit: int | None,
+                  best_step: int | None = None) -> list[int]:
+  """The steps Hugging Face's `save_total_limit` keeps: the newest `limit`; when the best step is
+  older, the best and the newest `limit - 1` others (at least one, the step to resume from).
+  A limit of None or below 1 keeps every step."""
+  ordered = sorted(steps)
+  if limit is None or limit < 1:
+    return ordered
+  newest = ordered[-limit:]
+  if best_step is None or best_step not in ordered or best_step in newest:
+    return newest
+  others = [step for step in ordered if step != best_step]
+  return sorted([best_step, *others[-max(limit - 1, 1):]])
+
+
+def delete_checkpoint(step_dir: pathlib.Path) -> None:
+  doomed = step_dir.with_name(DELETING_PREFIX + step_dir.name)
+  step_dir.rename(doomed)
+  shutil.rmtree(doomed)
+
+
+def apply_save_total_limit(output_dir: str | pathlib.Path, limit: int | None,
+                           best_step: int | None = None) -> list[pathlib.Path]:
+  """Deletes the complete checkpoints that `steps_to_keep` does not keep and returns their paths.
+  Call it only while no save is in flight: a save under way is not counted yet."""
+  directory = checkpoint_dir(output_dir)
+  for leftover in directory.glob(DELETING_PREFIX + "*"):
+    shutil.rmtree(leftover)
+  steps = saved_steps(output_dir)
+  kept = set(steps_to_keep(steps, limit, best_step))
+  deleted = []
+  for step in steps:
+    if step not in kept:
+      delete_checkpoint(directory / str(step))
+      deleted.append(directory / str(step))
+  return deleted
+
+
 def save(manager: ocp.CheckpointManager, step: int, state: Any, model_config: T5Config,
          progress: dict[str, Any] | None = None) -> None:
   """Starts an async save of the (un-replicated) state, the model's Hugging Face config and the
@@ -89,6 +135,37 @@ def restore_training(step_dir: pathlib.Path, abstract_state: Any) -> tuple[Any, 
         STATE_ITEM: ocp.args.StandardRestore(abstract_state),
         PROGRESS_ITEM: ocp.args.JsonRestore()}))
   return restored[STATE_ITEM], restored[PROGRESS_ITEM]
+
+
+def read_progress(step_dir: pathlib.Path) -> dict[str, Any]:
+  """The progress JSON of a step directory, without its state."""
+  # Every item gets a handler, restored or not; Orbax warns about items without one.
+  handlers = {STATE_ITEM: ocp.StandardCheckpointHandler(),
+              MODEL_CONFIG_ITEM: ocp.JsonCheckpointHandler(),
+              PROGRESS_ITEM: ocp.JsonCheckpointHandler()}
+  with ocp.Checkpointer(ocp.CompositeCheckpointHandler(**handlers)) as checkpointer:
+    restored = checkpointer.restore(step_dir, args=ocp.args.Composite(
+        **{PROGRESS_ITEM: ocp.args.JsonRestore()}))
+  return restored[PROGRESS_ITEM]
+
+
+def recorded_eval_metrics(directory: pathlib.Path,
+                          up_to_step: int) -> list[tuple[pathlib.Path, dict[str, Any]]]:
+  """(step directory, eval metrics) of the checkpoints in `directory` (a `checkpoints/`
+  directory) up to `up_to_step` that were evaluated, oldest first; unreadable ones are left
+  out."""
+  recorded = []
+  for step_dir in sorted((path for path in directory.iterdir() if _is_step_dir(path)),
+                         key=lambda path: int(path.name)):
+    if int(step_dir.name) > up_to_step or not (step_dir / PROGRESS_ITEM).is_dir():
+      continue
+    try:
+      eval_metrics = read_progress(step_dir).get("eval_metrics")
+    except Exception:  # A partial or corrupt checkpoint: it cannot be the best one either.
+      continue
+    if eval_metrics:
+      recorded.append((step_dir, eval_metrics))
+  return recorded
 
 
 def _is_step_dir(path: pathlib.Path) -> bool:
@@ -124,7 +201,8 @@ def load_params(checkpoint_path: str | pathlib.Path) -> tuple[T5Config, Any]:
                     "incomplete or was written by an older flax-sum): export another step or "
                     "use the final model in its output_dir")
   handlers = {STATE_ITEM: ocp.PyTreeCheckpointHandler(),
-              MODEL_CONFIG_ITEM: ocp.JsonCheckpointHandler()}
+              MODEL_CONFIG_ITEM: ocp.JsonCheckpointHandler(),
+              PROGRESS_ITEM: ocp.JsonCheckpointHandler()}
   with ocp.Checkpointer(ocp.CompositeCheckpointHandler(**handlers)) as checkpointer:
     state_metadata = checkpointer.metadata(step_dir).item_metadata[STATE_ITEM].tree
     if "params" not in state_metadata:

@@ -117,6 +117,19 @@ FIELDS: tuple[Field, ...] = (
     Field("logging_steps", 500, int, "Log train loss every N updates.", "log"),
     Field("eval_steps", None, int, "Evaluate every N updates (if None: only at the end).", "log"),
     Field("save_steps", 500, int, "Save a checkpoint every N updates.", "log"),
+    Field("save_total_limit", None, int, "Keep at most N checkpoints, deleting the oldest once a "
+          "newer one is complete; the best is kept too when --metric_for_best_model or "
+          "--load_best_model_at_end is set (if None or 0: keep all; stale-* directories are "
+          "never deleted).", "log"),
+    Field("load_best_model_at_end", False, bool, "Make the best evaluated checkpoint (by "
+          "--metric_for_best_model) the final model that is saved, evaluated and used for "
+          "predictions; needs --do_eval, --eval_steps and a --save_steps that is a multiple of "
+          "it.", "log"),
+    Field("metric_for_best_model", None, str, "Eval metric that picks the best checkpoint: "
+          "loss, accuracy, or with --predict_with_generate rouge1, rouge2, rougeL, rougeLsum, "
+          "gen_len; the eval_ prefix is optional (if None: loss).", "log"),
+    Field("greater_is_better", None, bool, "Whether a larger --metric_for_best_model is better "
+          "(if None: false for loss, true otherwise).", "log"),
     # Resuming (listed with checkpoints), the Hub and precision.
     Field("resume_from_checkpoint", None, str, "Resume training exactly from this checkpoint "
           "(OUTPUT_DIR/checkpoints/STEP, or an output_dir for its latest); without it, a "

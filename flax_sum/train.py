@@ -37,6 +37,9 @@ from flax_sum.model import T5, T5Config, init_params
 log = logging.getLogger(__name__)
 
 MODEL_FILES = ("config.json", "model.safetensors")
+# Evaluation results are named eval_<metric>; the generated ones need --predict_with_generate.
+EVAL_METRICS = ("loss", "accuracy")
+GENERATED_EVAL_METRICS = (*metrics_lib.ROUGE_TYPES, "gen_len")
 
 
 def first_replica(tree):
@@ -72,7 +75,44 @@ def prepare_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDi
               "val_max_target_length"):
     if config[key] < 1:
       raise UserError(f"--{key} must be at least 1, got {config[key]}")
+  if config.do_train and config.load_best_model_at_end:
+    check_evaluated_checkpoints(config.do_eval, config.eval_steps, config.save_steps)
+  if config.load_best_model_at_end or config.metric_for_best_model is not None:
+    config.metric_for_best_model, config.greater_is_better = best_model_metric(
+        config.metric_for_best_model, config.greater_is_better, config.predict_with_generate)
   return config
+
+
+def check_evaluated_checkpoints(do_eval: bool, eval_steps: int | None, save_steps: int) -> None:
+  """--load_best_model_at_end picks among evaluated checkpoints: every save must be evaluated."""
+  if not do_eval:
+    raise UserError("--load_best_model_at_end needs evaluation during training: pass --do_eval "
+                    "and --eval_steps N")
+  if not eval_steps or eval_steps < 1:
+    raise UserError("--load_best_model_at_end needs evaluation during training: pass "
+                    "--eval_steps N (with --save_steps a multiple of N)")
+  if save_steps % eval_steps:
+    multiple = max(1, math.ceil(save_steps / eval_steps)) * eval_steps
+    raise UserError(f"--load_best_model_at_end needs --save_steps to be a multiple of "
+                    f"--eval_steps, got {save_steps} and {eval_steps}: pass --save_steps "
+                    f"{multiple} (or an --eval_steps that divides {save_steps})")
+
+
+def best_model_metric(name: str | None, greater_is_better: bool | None,
+                      predict_with_generate: bool) -> tuple[str, bool]:
+  """(eval results key, greater_is_better) for --metric_for_best_model as Hugging Face reads it:
+  loss if None, the eval_ prefix optional, lower is better for a loss unless told otherwise."""
+  bare = (name or "loss").removeprefix("eval_")
+  if bare not in EVAL_METRICS + GENERATED_EVAL_METRICS:
+    raise UserError(f"--metric_for_best_model {name} is not an evaluation metric: choose one of "
+                    f"{', '.join(EVAL_METRICS + GENERATED_EVAL_METRICS)} (eval_ prefix "
+                    "optional)")
+  if bare in GENERATED_EVAL_METRICS and not predict_with_generate:
+    raise UserError(f"--metric_for_best_model {name} is computed only on generated summaries: "
+                    f"pass --predict_with_generate or choose {' or '.join(EVAL_METRICS)}")
+  if greater_is_better is None:
+    greater_is_better = not bare.endswith("loss")
+  return f"eval_{bare}", greater_is_better
 
 
 def prepare_output_dir(config) -> pathlib.Path:
@@ -227,6 +267,35 @@ def restore_progress(candidates: list[pathlib.Path], state, expected: dict[str, 
   raise AssertionError("restore_progress needs at least one candidate")
 
 
+@dataclasses.dataclass(frozen=True)
+class BestCheckpoint:
+  step_dir: pathlib.Path
+  metric: float
+
+
+def better_checkpoint(best: BestCheckpoint | None, step_dir: pathlib.Path,
+                      eval_metrics: dict[str, Any], metric_key: str,
+                      greater_is_better: bool) -> BestCheckpoint | None:
+  """`best`, or the checkpoint at `step_dir` if its metric beats it; on a tie the earlier one
+  stays best, as in Hugging Face."""
+  value = eval_metrics.get(metric_key)
+  if value is None or not math.isfinite(value):
+    return best
+  if best is None or (value > best.metric if greater_is_better else value < best.metric):
+    return BestCheckpoint(step_dir, float(value))
+  return best
+
+
+def best_of_recorded(directory: pathlib.Path, up_to_step: int, metric_key: str,
+                     greater_is_better: bool) -> BestCheckpoint | None:
+  """The best checkpoint so far, from the eval metrics recorded in the checkpoints of a resumed
+  run; retention never deletes it, so it is the one the uninterrupted run had."""
+  best = None
+  for step_dir, eval_metrics in checkpoints.recorded_eval_metrics(directory, up_to_step):
+    best = better_checkpoint(best, step_dir, eval_metrics, metric_key, greater_is_better)
+  return best
+
+
 class StopSignals:
   """Records SIGTERM/SIGINT (preemption, Ctrl-C) so the loop can stop after the current step."""
 
@@ -253,7 +322,8 @@ def train(config, model, params, train_dataset, output_dir: pathlib.Path, evalua
           resume_candidates: list[pathlib.Path]):
   """The step loop, fresh or resumed from the first readable of `resume_candidates`.
 
-  Returns (params, train_results). Raises RunStopped after saving a checkpoint when SIGTERM or
+  Returns (params, train_results): the last step's params, or with --load_best_model_at_end the
+  best evaluated checkpoint's. Raises RunStopped after saving a checkpoint when SIGTERM or
   SIGINT arrives, and without saving when the loss stops being finite.
   """
   global_batch = (config.per_device_train_batch_size * config.gradient_accumulation_steps
@@ -272,11 +342,20 @@ def train(config, model, params, train_dataset, output_dir: pathlib.Path, evalua
   state = steps.TrainState.create(apply_fn=model.apply, params=params,
                                   tx=optim.create_optimizer(config, learning_rate_fn))
   start_step, run_sums = 0, None
+  # Hugging Face tracks the best checkpoint whenever a metric for it is set.
+  tracks_best = config.metric_for_best_model is not None
+  best: BestCheckpoint | None = None
   if resume_candidates:
     state, progress, resume_from = restore_progress(resume_candidates, state, layout)
     start_step = progress["step"]
     run_sums = progress["train_sums"]
     log.info("Resuming from checkpoint %s at step %d", resume_from, start_step)
+    if tracks_best:
+      best = best_of_recorded(resume_from.parent, start_step, config.metric_for_best_model,
+                              config.greater_is_better)
+      if best is not None:
+        log.info("Best checkpoint so far: %s (%s %.6g)", best.step_dir,
+                 config.metric_for_best_model, best.metric)
     for stale in checkpoints.set_aside_after(output_dir, start_step):
       log.warning("Set aside checkpoint %s, which is after the resumed step", stale)
   else:
@@ -313,10 +392,30 @@ def train(config, model, params, train_dataset, output_dir: pathlib.Path, evalua
       last_metrics = metrics
     pending = []
 
-  def save(step):
+  def finish_saves():
+    """Waits for the save in flight, then applies --save_total_limit to the complete ones."""
+    manager.wait_until_finished()
+    best_step = (int(best.step_dir.name) if best is not None
+                 and best.step_dir.parent == checkpoints.checkpoint_dir(output_dir) else None)
+    for deleted in checkpoints.apply_save_total_limit(output_dir, config.save_total_limit,
+                                                      best_step):
+      log.info("Deleted checkpoint %s (--save_total_limit %d)", deleted,
+               config.save_total_limit)
+
+  def save(step, eval_metrics=None):
+    """`eval_metrics` are recorded only for the regular saves, the best-model candidates: a
+    checkpoint saved on a signal is not one in an uninterrupted run either."""
+    nonlocal best
     flush_pending()
-    checkpoints.save(manager, step, first_replica(state), model.config,
-                     {"step": step, "train_sums": run_sums, **layout})
+    finish_saves()
+    progress = {"step": step, "train_sums": run_sums, **layout}
+    if eval_metrics is not None:
+      progress["eval_metrics"] = eval_metrics
+    checkpoints.save(manager, step, first_replica(state), model.config, progress)
+    if tracks_best and eval_metrics is not None:
+      best = better_checkpoint(best, checkpoints.checkpoint_dir(output_dir) / str(step),
+                               eval_metrics, config.metric_for_best_model,
+                               config.greater_is_better)
 
   with StopSignals() as stop_signals:
     for step in range(start_step + 1, total_steps + 1):
@@ -335,23 +434,28 @@ def train(config, model, params, train_dataset, output_dir: pathlib.Path, evalua
                          "tokens_per_second": interval_tokens / elapsed,
                          "epoch": round(step / steps_per_epoch, 4)})
         interval_sums, interval_tokens, interval_start = None, 0, time.time()
-      if config.eval_steps and step % config.eval_steps == 0 and not is_last:
+      eval_metrics = None
+      # The last step's evaluation is left to do_eval, unless the last checkpoint competes for
+      # the best.
+      if (config.eval_steps and step % config.eval_steps == 0
+          and (not is_last or tracks_best)):
         if evaluate_fn is not None:
-          train_log.write({"step": step, **evaluate_fn(state.params)})
+          eval_metrics = evaluate_fn(state.params)
+          train_log.write({"step": step, **eval_metrics})
         interval_start = time.time()
       if (config.save_steps and step % config.save_steps == 0) or is_last:
-        save(step)
+        save(step, eval_metrics)
       elif stop_signals.received is not None:
         save(step)
       if stop_signals.received is not None and not is_last:
-        manager.wait_until_finished()
+        finish_saves()
         name = signal.Signals(stop_signals.received).name
         raise RunStopped(f"stopped by {name} after step {step} of {total_steps}; checkpoint "
                          f"saved in {checkpoints.checkpoint_dir(output_dir) / str(step)}: run "
                          "the same command again to resume", exit_code=128 + stop_signals.received)
   steps_run = total_steps - start_step
   train_runtime = time.time() - train_start
-  manager.wait_until_finished()
+  finish_saves()
   manager.close()
   train_log.close()
 
@@ -363,7 +467,19 @@ def train(config, model, params, train_dataset, output_dir: pathlib.Path, evalua
       "train_steps_per_second": round(steps_run / train_runtime, 3),
       "epoch": round(total_steps / steps_per_epoch, 4),
   }
-  return first_replica(state.params), train_results
+  if tracks_best:
+    train_results["best_model_checkpoint"] = str(best.step_dir) if best is not None else None
+    train_results["best_metric"] = best.metric if best is not None else None
+  if not config.load_best_model_at_end:
+    return first_replica(state.params), train_results
+  if best is None:
+    log.warning("--load_best_model_at_end: no checkpoint was evaluated (every %d steps, %d steps "
+                "in all), so the final model is the last step's", config.eval_steps, total_steps)
+    return first_replica(state.params), train_results
+  log.info("Best checkpoint: step %s (%s %.6g); its params are the final model",
+           best.step_dir.name, config.metric_for_best_model, best.metric)
+  _, best_params = checkpoints.load_params(best.step_dir)
+  return best_params, train_results
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None = None):

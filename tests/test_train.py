@@ -4,14 +4,18 @@ import csv
 import json
 import os
 import pathlib
+import re
 import shutil
 import signal
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 
+from flax_sum import checkpoints
+from flax_sum import hf_checkpoint
 from flax_sum import steps
 from flax_sum import train
 
@@ -336,3 +340,156 @@ def test_kill_9_mid_run_then_rerun_ends_with_identical_weights(tiny_run, tmp_pat
 
   assert train.main([*flags, "--output_dir", str(killed_dir)]) == 0
   assert final_weights(killed_dir) == final_weights(reference_dir)
+
+
+def step_dir_names(output_dir):
+  return sorted((p.name for p in (output_dir / "checkpoints").iterdir()),
+                key=lambda name: (not name.isdigit(), int(name) if name.isdigit() else name))
+
+
+def test_save_total_limit_keeps_the_newest_and_never_the_stale_ones(tiny_run, tmp_path,
+                                                                    monkeypatch):
+  resumed_dir = tmp_path / "limited"
+  shutil.copytree(tiny_run["output_dir"] / "checkpoints" / "3",
+                  resumed_dir / "checkpoints" / "3")
+  (resumed_dir / "checkpoints" / "stale-5").mkdir()
+  deletions = []  # (deleted step, the newer complete checkpoints at that moment)
+  real_delete = checkpoints.delete_checkpoint
+
+  def recording_delete(step_dir):
+    step = int(step_dir.name)
+    deletions.append((step, [s for s in checkpoints.saved_steps(resumed_dir) if s > step]))
+    real_delete(step_dir)
+
+  monkeypatch.setattr(checkpoints, "delete_checkpoint", recording_delete)
+  status = train.main([*tiny_run["train_flags"], "--do_train", "--save_steps", "1",
+                       "--save_total_limit", "2", "--output_dir", str(resumed_dir)])
+  assert status == 0
+  assert step_dir_names(resumed_dir) == ["5", "6", "stale-5"]
+  # The checkpoint the run resumed from went only once two newer ones were complete.
+  assert deletions == [(3, [4, 5]), (4, [5, 6])]
+  assert final_weights(resumed_dir) == final_weights(tiny_run["output_dir"])
+
+
+def flat_params(params):
+  return jax.tree_util.tree_flatten_with_path(params)[0]
+
+
+def assert_same_params(actual, expected):
+  actual, expected = flat_params(actual), flat_params(expected)
+  assert [path for path, _ in actual] == [path for path, _ in expected]
+  for (path, a), (_, b) in zip(actual, expected):
+    np.testing.assert_array_equal(a, b, err_msg=jax.tree_util.keystr(path))
+
+
+@pytest.fixture(scope="module")
+def best_model_run(tiny_run, tmp_path_factory):
+  """6 steps, each evaluated and saved, at most 3 checkpoints kept. The loss falls at every step
+  here, so asking for the greatest makes an early checkpoint the best: one that retention would
+  delete if it did not protect the best."""
+  flags = [*tiny_run["train_flags"], "--validation_file", tiny_run["data"]["validation"],
+           "--do_train", "--do_eval", "--eval_steps", "1", "--save_steps", "1",
+           "--save_total_limit", "3", "--load_best_model_at_end",
+           "--metric_for_best_model", "eval_loss", "--greater_is_better", "true"]
+  output_dir = tmp_path_factory.mktemp("best") / "out"
+  assert train.main([*flags, "--output_dir", str(output_dir)]) == 0
+  return {"flags": flags, "output_dir": output_dir}
+
+
+def test_load_best_model_at_end_exports_the_best_checkpoint_which_retention_keeps(
+    best_model_run):
+  output_dir = best_model_run["output_dir"]
+  log = [json.loads(line) for line in (output_dir / "train_log.jsonl").read_text().splitlines()]
+  eval_records = [r for r in log if "eval_loss" in r]
+  assert [r["step"] for r in eval_records] == [1, 2, 3, 4, 5, 6]
+  best_record = max(eval_records, key=lambda r: r["eval_loss"])  # The first of equals.
+  best_step = best_record["step"]
+  assert best_step < 4, "the best must be a checkpoint that only the best-model rule keeps"
+  assert step_dir_names(output_dir) == [str(best_step), "5", "6"]
+
+  best_dir = (output_dir / "checkpoints" / str(best_step)).resolve()
+  train_results = read_json(output_dir / "train_results.json")
+  assert train_results["best_model_checkpoint"] == str(best_dir)
+  assert train_results["best_metric"] == best_record["eval_loss"]
+  _, exported = hf_checkpoint.load_pretrained(str(output_dir))
+  assert_same_params(exported, checkpoints.load_params(best_dir)[1])
+  _, last = checkpoints.load_params(output_dir / "checkpoints" / "6")
+  assert not all(np.array_equal(a, b) for (_, a), (_, b) in zip(flat_params(exported),
+                                                                 flat_params(last)))
+  # do_eval evaluated the best checkpoint's params, not the last step's.
+  eval_results = read_json(output_dir / "eval_results.json")
+  assert eval_results["eval_loss"] == pytest.approx(best_record["eval_loss"], rel=1e-6)
+
+
+def test_the_best_checkpoint_survives_a_resume(best_model_run, tmp_path, capsys):
+  reference_dir = best_model_run["output_dir"]
+  best_step = pathlib.Path(read_json(reference_dir / "train_results.json")[
+      "best_model_checkpoint"]).name
+  # Interrupted after step 5 of 6: what retention had left then.
+  resumed_dir = tmp_path / "resumed"
+  for step in (best_step, "5"):
+    shutil.copytree(reference_dir / "checkpoints" / step, resumed_dir / "checkpoints" / step)
+  assert train.main([*best_model_run["flags"], "--output_dir", str(resumed_dir)]) == 0
+  out = capsys.readouterr().out
+  best_dir = (resumed_dir / "checkpoints" / best_step).resolve()
+  assert f"Best checkpoint so far: {best_dir} (eval_loss" in out
+  assert f"Best checkpoint: step {best_step} (eval_loss" in out
+  assert step_dir_names(resumed_dir) == step_dir_names(reference_dir)
+  resumed = read_json(resumed_dir / "train_results.json")
+  assert resumed["best_model_checkpoint"] == str(best_dir)
+  assert resumed["best_metric"] == read_json(reference_dir / "train_results.json")["best_metric"]
+  assert final_weights(resumed_dir) == final_weights(reference_dir)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--load_best_model_at_end"],
+     "--load_best_model_at_end needs evaluation during training: pass --eval_steps N (with "
+     "--save_steps a multiple of N)"),
+    (["--load_best_model_at_end", "--eval_steps", "2", "--do_eval=false"],
+     "--load_best_model_at_end needs evaluation during training: pass --do_eval and "
+     "--eval_steps N"),
+    (["--load_best_model_at_end", "--eval_steps", "2", "--save_steps", "3"],
+     "--load_best_model_at_end needs --save_steps to be a multiple of --eval_steps, got 3 and "
+     "2: pass --save_steps 4 (or an --eval_steps that divides 3)"),
+    (["--load_best_model_at_end", "--eval_steps", "2", "--save_steps", "4",
+      "--metric_for_best_model", "bleu"],
+     "--metric_for_best_model bleu is not an evaluation metric: choose one of loss, accuracy, "
+     "rouge1, rouge2, rougeL, rougeLsum, gen_len (eval_ prefix optional)"),
+    (["--load_best_model_at_end", "--eval_steps", "2", "--save_steps", "4",
+      "--metric_for_best_model", "eval_rougeL"],
+     "--metric_for_best_model eval_rougeL is computed only on generated summaries: pass "
+     "--predict_with_generate or choose loss or accuracy"),
+])
+def test_best_model_settings_that_cannot_work_are_refused(tmp_path, capsys, flags, message):
+  output_dir = tmp_path / "out"
+  status = train.main(["--train_file", str(tmp_path / "train.csv"), "--validation_file",
+                       str(tmp_path / "dev.csv"), "--do_train", "--do_eval", *flags,
+                       "--output_dir", str(output_dir)])
+  assert status == 2
+  assert capsys.readouterr().err == f"error: {message}\n"
+  assert not output_dir.exists()
+
+
+def test_a_single_device_run_resumes_exactly(tiny_run, tmp_path):
+  """The other resume tests run on 8 devices; here jax sees one, in a process of its own."""
+  env = dict(os.environ)
+  env["XLA_FLAGS"] = (re.sub(r"--xla_force_host_platform_device_count=\d+", "",
+                             env.get("XLA_FLAGS", "")) + " --xla_force_host_platform_device_count=1")
+  # The second process reuses the first one's compiled train step.
+  env["JAX_COMPILATION_CACHE_DIR"] = str(tmp_path / "jax-cache")
+
+  def run(output_dir):
+    result = subprocess.run([sys.executable, "-m", "flax_sum.train", *tiny_run["train_flags"],
+                             "--do_train", "--output_dir", str(output_dir)], cwd=REPO_ROOT,
+                            env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
+
+  uninterrupted_dir, resumed_dir = tmp_path / "uninterrupted", tmp_path / "resumed"
+  assert "global batch 2 on 1 devices" in run(uninterrupted_dir)
+  # Interrupted after step 3 of 6: only its checkpoint survived.
+  shutil.copytree(uninterrupted_dir / "checkpoints" / "3", resumed_dir / "checkpoints" / "3")
+  assert "at step 3" in run(resumed_dir)
+  assert final_weights(resumed_dir) == final_weights(uninterrupted_dir)
+  assert (read_json(resumed_dir / "train_results.json")["train_loss"]
+          == read_json(uninterrupted_dir / "train_results.json")["train_loss"])
