@@ -186,6 +186,42 @@ def _normal_init(config: T5Config, module_name: str) -> nn.initializers.Initiali
   return nn.initializers.normal(stddev=init_stddev(config, module_name))
 
 
+def _mix32(h: Array) -> Array:
+  """MurmurHash3's 32-bit finaliser: a bijection whose output bits all depend on every input bit."""
+  h = h ^ (h >> 16)
+  h = h * jnp.uint32(0x85EBCA6B)
+  h = h ^ (h >> 13)
+  h = h * jnp.uint32(0xC2B2AE35)
+  return h ^ (h >> 16)
+
+
+def hashed_random_bits(seeds: Array, shape: tuple[int, ...]) -> Array:
+  """uint32 [shape] that look uniformly random: two hash rounds of each element's flat index,
+  keyed by two uint32 seeds. Element-wise arithmetic only, so XLA fuses it into the consumer."""
+  counter = jax.lax.iota(jnp.uint32, math.prod(shape)).reshape(shape)
+  return _mix32(_mix32(counter ^ seeds[0]) ^ seeds[1])
+
+
+class Dropout(nn.Module):
+  """Inverted dropout like `nn.Dropout`, with masks hashed from one draw of the 'dropout' rng.
+
+  `nn.Dropout` draws a threefry number per element, which on CPUs took a third of the t5-small
+  train step; hashing the element index with a per-call seed costs no more than a copy. Each
+  element is dropped with probability `rate` (to 2**-32), independently across calls and steps.
+  """
+  rate: float
+
+  @nn.compact
+  def __call__(self, x: Array, deterministic: bool) -> Array:
+    if deterministic or self.rate == 0.0:
+      return x
+    if self.rate >= 1.0:
+      return jnp.zeros_like(x)
+    seeds = jax.random.bits(self.make_rng("dropout"), (2,), jnp.uint32)
+    keep = hashed_random_bits(seeds, x.shape) >= jnp.uint32(round(self.rate * 2**32))
+    return jnp.where(keep, x / (1.0 - self.rate), 0).astype(x.dtype)
+
+
 class T5LayerNorm(nn.Module):
   """RMS norm: no mean subtraction and no bias; statistics in float32."""
   epsilon: float
@@ -294,7 +330,7 @@ class T5Attention(nn.Module):
     if mask is not None:
       scores = jnp.where(mask[:, None], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1)
-    probs = nn.Dropout(cfg.dropout_rate)(probs, deterministic=deterministic)
+    probs = Dropout(cfg.dropout_rate)(probs, deterministic=deterministic)
     out = jnp.einsum("bghqk,bhkd->bgqhd", probs.astype(cfg.dtype), value.astype(cfg.dtype))
     out = out.reshape(batch, length, cfg.num_heads * cfg.d_kv)
     out = self._dense(cfg.d_model, "o")(out)
@@ -315,7 +351,7 @@ class T5DenseReluDense(nn.Module):
       h = activation(dense(cfg.d_ff, "wi_0")(x)) * dense(cfg.d_ff, "wi_1")(x)
     else:
       h = activation(dense(cfg.d_ff, "wi")(x))
-    h = nn.Dropout(cfg.dropout_rate)(h, deterministic=deterministic)
+    h = Dropout(cfg.dropout_rate)(h, deterministic=deterministic)
     return dense(cfg.d_model, "wo")(h)
 
 
@@ -359,7 +395,7 @@ class _SelfAttentionLayer(nn.Module):
                                      name="SelfAttention")(
         normed, mask=mask, position_bias=position_bias, deterministic=deterministic,
         decode=decode)
-    return x + nn.Dropout(cfg.dropout_rate)(out, deterministic=deterministic), position_bias
+    return x + Dropout(cfg.dropout_rate)(out, deterministic=deterministic), position_bias
 
 
 class _CrossAttentionLayer(nn.Module):
@@ -372,7 +408,7 @@ class _CrossAttentionLayer(nn.Module):
     normed = _layer_norm(cfg, "layer_norm")(x)
     out, _ = T5Attention(cfg, name="EncDecAttention")(
         normed, kv_source=encoded, mask=encoder_mask, deterministic=deterministic, decode=decode)
-    return x + nn.Dropout(cfg.dropout_rate)(out, deterministic=deterministic)
+    return x + Dropout(cfg.dropout_rate)(out, deterministic=deterministic)
 
 
 class _FeedForwardLayer(nn.Module):
@@ -383,7 +419,7 @@ class _FeedForwardLayer(nn.Module):
     cfg = self.config
     normed = _layer_norm(cfg, "layer_norm")(x)
     out = T5DenseReluDense(cfg, name="DenseReluDense")(normed, deterministic)
-    return x + nn.Dropout(cfg.dropout_rate)(out, deterministic=deterministic)
+    return x + Dropout(cfg.dropout_rate)(out, deterministic=deterministic)
 
 
 class T5Stack(nn.Module):
@@ -397,14 +433,14 @@ class T5Stack(nn.Module):
                decode: bool = False) -> Array:
     cfg = self.config
     num_layers = cfg.num_decoder_layers if self.is_decoder else cfg.num_layers
-    x = nn.Dropout(cfg.dropout_rate)(embedded, deterministic=deterministic)
+    x = Dropout(cfg.dropout_rate)(embedded, deterministic=deterministic)
     position_bias = None  # Computed by the first block, shared by the others.
     for i in range(num_layers):
       x, position_bias = T5Block(cfg, self.is_decoder, has_relative_attention_bias=i == 0,
                                  name=f"block_{i}")(
           x, mask, position_bias, encoded, encoder_mask, deterministic, decode)
     x = _layer_norm(cfg, "final_layer_norm")(x)
-    return nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
+    return Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
 
 
 class LMHead(nn.Module):
