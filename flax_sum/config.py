@@ -58,6 +58,14 @@ FIELDS: tuple[Field, ...] = (
           "data"),
     Field("val_max_target_length", None, int, "Summary length for eval/predict and generation "
           "(if None: max_target_length).", "data"),
+    Field("pad_to_max_length", False, bool, "Pad every batch to max_source_length and the max "
+          "target length (if false: to the shortest of --length_buckets static lengths that "
+          "fits the batch's longest row).", "data"),
+    Field("length_buckets", 4, int, "Static padded lengths per side, evenly spaced up to the "
+          "max; XLA compiles one program per (source, target) pair that occurs.", "data"),
+    Field("group_by_length", False, bool, "Batch training examples of similar source length "
+          "together (sorted within shuffled groups of 50 batches), as the HF Trainer does.",
+          "data"),
     Field("max_train_samples", None, int, "Use only the first N training examples.", "data"),
     Field("max_eval_samples", None, int, "Use only the first N evaluation examples.", "data"),
     Field("max_predict_samples", None, int, "Use only the first N prediction examples.", "data"),

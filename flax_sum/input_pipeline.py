@@ -4,7 +4,8 @@
                                        dropped, max_*_samples applied
   tokenize_datasets(raw, tok, config)  per-example token ids, cached by the datasets fingerprint
   to_arrays(dataset, ...)              one split as padded numpy arrays, built once
-  train_batches / eval_batches         fixed-shape numpy batches [devices, per_device, ...]
+  train_batches / eval_batches         numpy batches [devices, per_device, ...], padded to the
+                                       max lengths or to a few static length buckets
 """
 
 from __future__ import annotations
@@ -126,6 +127,14 @@ def target_length(config: ConfigDict, split: str) -> int:
   if split == "train":
     return config.max_target_length
   return config.val_max_target_length or config.max_target_length
+
+
+def length_buckets(config: ConfigDict, split: str) -> "LengthBuckets | None":
+  """How a split's batches are padded: None (to the max lengths) with pad_to_max_length."""
+  if config.pad_to_max_length:
+    return None
+  return LengthBuckets.evenly_spaced(config.max_source_length, target_length(config, split),
+                                     config.length_buckets)
 
 
 def load_raw_datasets(config: ConfigDict) -> dict[str, datasets.Dataset]:
@@ -458,19 +467,77 @@ def _check_layout(per_device_batch_size: int, num_devices: int, process_index: i
     raise ValueError(f"process_index {process_index} is not in [0, {process_count})")
 
 
+@dataclasses.dataclass(frozen=True)
+class LengthBuckets:
+  """The static source and target lengths batches are padded to.
+
+  A batch is padded to the shortest bucket that holds its longest row (on every process alike),
+  so short data does not pay for max_source_length, and XLA compiles one program per bucket
+  pair that occurs rather than one per batch.
+  """
+  source: tuple[int, ...]
+  target: tuple[int, ...]
+
+  @classmethod
+  def evenly_spaced(cls, max_source_length: int, max_target_length: int,
+                    count: int) -> "LengthBuckets":
+    return cls(bucket_lengths(max_source_length, count), bucket_lengths(max_target_length, count))
+
+  def fit(self, source_length: int, target_length: int) -> tuple[int, int]:
+    pick = lambda buckets, length: next((b for b in buckets if b >= length), buckets[-1])
+    return pick(self.source, source_length), pick(self.target, target_length)
+
+
+def bucket_lengths(max_length: int, count: int) -> tuple[int, ...]:
+  """`count` lengths spaced evenly up to max_length, rounded up to multiples of 8 (which suit
+  the matmul units), the last being max_length itself."""
+  if count < 1:
+    raise UserError(f"--length_buckets must be at least 1, got {count}")
+  round_up_to_8 = lambda n: math.ceil(n / 8) * 8
+  lengths = {min(max_length, round_up_to_8(max_length * i / count)) for i in range(1, count)}
+  return tuple(sorted(lengths | {max_length}))
+
+
+def group_by_length(order: np.ndarray, source_lengths: np.ndarray, global_batch_size: int,
+                    megabatch_batches: int = 50) -> np.ndarray:
+  """`order` with each run of `megabatch_batches` global batches sorted longest first, as the
+  Hugging Face Trainer's --group_by_length does: batches of similar lengths, still shuffled
+  across the epoch."""
+  grouped = order.copy()
+  size = megabatch_batches * global_batch_size
+  for start in range(0, len(order), size):
+    chunk = order[start:start + size]
+    grouped[start:start + size] = chunk[np.argsort(-source_lengths[chunk], kind="stable")]
+  return grouped
+
+
+def _padded_widths(arrays: TokenArrays, global_rows: np.ndarray,
+                   buckets: LengthBuckets | None) -> tuple[int, int]:
+  """The batch's (source, target) widths: the arrays' full widths, or the bucket that fits the
+  longest of the global batch's rows (so every process pads its slice alike)."""
+  if buckets is None:
+    return arrays.input_ids.shape[1], arrays.labels.shape[1]
+  real = global_rows[global_rows >= 0]
+  longest_source = int(arrays.source_lengths[real].max(initial=1))
+  longest_target = int(arrays.target_lengths[real].max(initial=1))
+  return buckets.fit(longest_source, longest_target)
+
+
 def _make_batch(arrays: TokenArrays, rows: np.ndarray, num_devices: int,
-                decoder_start_token_id: int) -> Batch:
-  """Gathers `rows` (-1 = padding row) into a batch shaped [num_devices, per_device, ...]."""
+                decoder_start_token_id: int,
+                widths: tuple[int, int] | None = None) -> Batch:
+  """Gathers `rows` (-1 = padding row) into a batch shaped [num_devices, per_device, ...],
+  padded to `widths` (source, target; default: the arrays' widths)."""
+  source_width, target_width = widths or (arrays.input_ids.shape[1], arrays.labels.shape[1])
   is_real = rows >= 0
   safe_rows = np.where(is_real, rows, 0)
   source_lengths = np.where(is_real, arrays.source_lengths[safe_rows], 0)
   target_lengths = np.where(is_real, arrays.target_lengths[safe_rows], 0)
-  attention_mask = (np.arange(arrays.input_ids.shape[1])[None, :]
-                    < source_lengths[:, None]).astype(np.int32)
-  decoder_attention_mask = (np.arange(arrays.labels.shape[1])[None, :]
+  attention_mask = (np.arange(source_width)[None, :] < source_lengths[:, None]).astype(np.int32)
+  decoder_attention_mask = (np.arange(target_width)[None, :]
                             < target_lengths[:, None]).astype(np.int32)
-  input_ids = arrays.input_ids[safe_rows] * attention_mask
-  labels = arrays.labels[safe_rows] * decoder_attention_mask
+  input_ids = arrays.input_ids[safe_rows, :source_width] * attention_mask
+  labels = arrays.labels[safe_rows, :target_width] * decoder_attention_mask
   decoder_input_ids = np.empty_like(labels)
   decoder_input_ids[:, 0] = decoder_start_token_id
   decoder_input_ids[:, 1:] = labels[:, :-1]
@@ -489,12 +556,16 @@ def train_batches(data: BatchSource, *, seed: int, epoch: int,
                   per_device_batch_size: int, num_devices: int,
                   max_source_length: int | None = None, max_target_length: int | None = None,
                   start_batch: int = 0, process_index: int = 0, process_count: int = 1,
-                  decoder_start_token_id: int = DECODER_START_TOKEN_ID) -> Iterator[Batch]:
+                  decoder_start_token_id: int = DECODER_START_TOKEN_ID,
+                  buckets: LengthBuckets | None = None,
+                  grouped_by_length: bool = False) -> Iterator[Batch]:
   """This process's share of one shuffled training epoch.
 
-  The order depends only on (seed, epoch). Each global batch (per_device_batch_size *
-  num_devices * process_count rows) is cut into contiguous per-process slices; the last
-  incomplete global batch is dropped. Batches before `start_batch` are skipped without work.
+  The order depends only on (seed, epoch) (and, grouped by length, on the lengths). Each global
+  batch (per_device_batch_size * num_devices * process_count rows) is cut into contiguous
+  per-process slices; the last incomplete global batch is dropped. Batches before
+  `start_batch` are skipped without work. With `buckets`, each batch is padded to the bucket
+  that fits its longest row rather than to the arrays' widths.
   """
   _check_layout(per_device_batch_size, num_devices, process_index, process_count)
   if start_batch < 0:
@@ -507,12 +578,17 @@ def train_batches(data: BatchSource, *, seed: int, epoch: int,
     raise UserError(f"the training data has {len(arrays)} examples, fewer than one global "
                     f"batch of {global_batch_size}; lower --per_device_train_batch_size")
   order = np.random.default_rng([seed, epoch]).permutation(len(arrays))
+  if grouped_by_length:
+    order = group_by_length(order, arrays.source_lengths, global_batch_size)
 
   def batches() -> Iterator[Batch]:
     for batch_number in range(start_batch, num_batches):
-      start = batch_number * global_batch_size + process_index * local_batch_size
-      yield _make_batch(arrays, order[start:start + local_batch_size], num_devices,
-                        decoder_start_token_id)
+      global_rows = order[batch_number * global_batch_size:
+                          (batch_number + 1) * global_batch_size]
+      local_rows = global_rows[process_index * local_batch_size:
+                               (process_index + 1) * local_batch_size]
+      yield _make_batch(arrays, local_rows, num_devices, decoder_start_token_id,
+                        _padded_widths(arrays, global_rows, buckets))
 
   return batches()
 
@@ -521,11 +597,12 @@ def eval_batches(data: BatchSource, *, per_device_batch_size: int,
                  num_devices: int, max_source_length: int | None = None,
                  max_target_length: int | None = None, process_index: int = 0,
                  process_count: int = 1,
-                 decoder_start_token_id: int = DECODER_START_TOKEN_ID) -> Iterator[Batch]:
+                 decoder_start_token_id: int = DECODER_START_TOKEN_ID,
+                 buckets: LengthBuckets | None = None) -> Iterator[Batch]:
   """This process's share of every example once, in dataset order.
 
   The last global batch is filled with padding rows (all masks 0, example_index -1), so every
-  process runs the same number of batches.
+  process runs the same number of batches. `buckets` pads as in `train_batches`.
   """
   _check_layout(per_device_batch_size, num_devices, process_index, process_count)
   arrays = _as_arrays(data, max_source_length, max_target_length)
@@ -535,9 +612,12 @@ def eval_batches(data: BatchSource, *, per_device_batch_size: int,
 
   def batches() -> Iterator[Batch]:
     for batch_number in range(num_eval_batches(num_examples, global_batch_size)):
-      start = batch_number * global_batch_size + process_index * local_batch_size
-      rows = np.arange(start, start + local_batch_size)
-      rows[rows >= num_examples] = -1
-      yield _make_batch(arrays, rows, num_devices, decoder_start_token_id)
+      global_rows = np.arange(batch_number * global_batch_size,
+                              (batch_number + 1) * global_batch_size)
+      global_rows[global_rows >= num_examples] = -1
+      local_rows = global_rows[process_index * local_batch_size:
+                               (process_index + 1) * local_batch_size]
+      yield _make_batch(arrays, local_rows, num_devices, decoder_start_token_id,
+                        _padded_widths(arrays, global_rows, buckets))
 
   return batches()

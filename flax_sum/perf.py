@@ -9,6 +9,7 @@ float32 matmul rate of this machine (CPUs publish no comparable number).
 from __future__ import annotations
 
 import functools
+import math
 import time
 
 import jax
@@ -73,3 +74,61 @@ def peak_flops_per_device(device: jax.Device | None = None) -> tuple[float, str]
     return (measured_matmul_flops() / jax.local_device_count(),
             "measured float32 matmul rate of this CPU")
   return 0.0, f"unknown peak for {device.device_kind}"
+
+
+class Throughput:
+  """Non-padding tokens, examples and model FLOPs of the train steps, over the time they took.
+
+  `report()` gives the rates since the previous report; `pause()`/`resume()` leave out time
+  spent elsewhere (evaluation). Counts are this process's batches times the process count.
+  """
+
+  def __init__(self, model_config: T5Config, peak_flops_per_second: float,
+               process_count: int = 1):
+    self.model_config = model_config
+    self.peak = peak_flops_per_second
+    self.process_count = process_count
+    self.interval = self._zero()
+    self.total = self._zero()
+    self._since = time.perf_counter()
+
+  @staticmethod
+  def _zero() -> dict[str, float]:
+    return {"tokens": 0, "examples": 0, "flops": 0, "seconds": 0.0}
+
+  def add(self, batch) -> None:
+    source_width, target_width = batch["input_ids"].shape[-1], batch["labels"].shape[-1]
+    rows = math.prod(batch["input_ids"].shape[:-1]) * self.process_count
+    tokens = int(batch["attention_mask"].sum() + batch["decoder_attention_mask"].sum())
+    self.interval["tokens"] += tokens * self.process_count
+    self.interval["examples"] += rows
+    self.interval["flops"] += rows * train_flops_per_example(self.model_config, source_width,
+                                                             target_width)
+
+  def pause(self) -> None:
+    if self._since is not None:
+      self.interval["seconds"] += time.perf_counter() - self._since
+      self._since = None
+
+  def resume(self) -> None:
+    self._since = time.perf_counter()
+
+  def _rates(self, counts: dict[str, float]) -> dict[str, float | None]:
+    seconds = max(counts["seconds"], 1e-9)
+    return {"tokens_per_second": round(counts["tokens"] / seconds, 1),
+            "examples_per_second": round(counts["examples"] / seconds, 3),
+            "mfu": round(counts["flops"] / seconds / self.peak, 4) if self.peak else None}
+
+  def report(self) -> dict[str, float | None]:
+    """The rates since the last report (which restarts the interval)."""
+    self.pause()
+    rates = self._rates(self.interval)
+    for key, value in self.interval.items():
+      self.total[key] += value
+    self.interval = self._zero()
+    self.resume()
+    return rates
+
+  def summary(self) -> dict[str, float | None]:
+    """The rates over every reported interval."""
+    return self._rates(self.total)

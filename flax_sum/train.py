@@ -30,6 +30,8 @@ from flax_sum import hub
 from flax_sum import input_pipeline
 from flax_sum import metrics as metrics_lib
 from flax_sum import optim
+from flax_sum import reporting
+from flax_sum import perf
 from flax_sum import steps
 from flax_sum.errors import RunStopped, UserError
 from flax_sum.model import T5, T5Config, init_params
@@ -181,7 +183,9 @@ def repeat_epochs(dataset, config, start_step: int,
         per_device_batch_size=config.per_device_train_batch_size
         * config.gradient_accumulation_steps,
         num_devices=jax.local_device_count(),
-        process_index=jax.process_index(), process_count=jax.process_count())
+        process_index=jax.process_index(), process_count=jax.process_count(),
+        buckets=input_pipeline.length_buckets(config, "train"),
+        grouped_by_length=config.group_by_length)
     epoch, start_batch = epoch + 1, 0
 
 
@@ -197,13 +201,17 @@ class Evaluator:
   def __call__(self, params, dataset, references: list[str], prefix: str):
     """Returns ({prefix_loss, ...}, predictions in dataset order or None)."""
     config = self.config
+    buckets = input_pipeline.length_buckets(config, "validation")
     sums = None
     generated = [None] * len(dataset) if config.predict_with_generate else None
-    for batch in input_pipeline.eval_batches(
+    num_batches = input_pipeline.num_eval_batches(
+        len(dataset), config.per_device_eval_batch_size * jax.device_count())
+    for batch in reporting.progress_bar(input_pipeline.eval_batches(
         dataset, per_device_batch_size=config.per_device_eval_batch_size,
         num_devices=jax.local_device_count(), max_source_length=config.max_source_length,
         max_target_length=config.val_max_target_length,
-        process_index=jax.process_index(), process_count=jax.process_count()):
+        process_index=jax.process_index(), process_count=jax.process_count(), buckets=buckets),
+        total=num_batches, desc=prefix, unit="batch", leave=False):
       sums = metrics_lib.accumulate(sums, first_replica(self.p_eval_step(params, batch)))
       if generated is not None:
         tokens = np.asarray(self.p_generate_step(params, batch))
@@ -224,14 +232,19 @@ class Evaluator:
 
 
 class TrainLog:
-  """`train_log.jsonl` and the console: one record per logging step or evaluation."""
+  """`train_log.jsonl` and the console (and, through `monitor`, TensorBoard and the progress
+  bar): one record per logging step or evaluation."""
 
-  def __init__(self, path: pathlib.Path, append: bool):
+  def __init__(self, path: pathlib.Path, append: bool,
+               monitor: reporting.TrainMonitor | None = None):
     self.file = path.open("a" if append else "w")
+    self.monitor = monitor
 
   def write(self, record: dict[str, Any]) -> None:
     self.file.write(json.dumps(record) + "\n")
     self.file.flush()
+    if self.monitor is not None:
+      self.monitor.write(record)
     log.info("  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
                        for k, v in record.items()))
 
@@ -336,7 +349,8 @@ def train(config, model, params, train_dataset, output_dir: pathlib.Path, evalua
                  else math.ceil(config.num_train_epochs * steps_per_epoch))
   # What an exact resume needs to be the same: the data order, the schedule, the dropout keys.
   layout = {"global_batch_size": global_batch, "train_samples": len(train_dataset),
-            "total_steps": total_steps, "seed": config.seed}
+            "total_steps": total_steps, "seed": config.seed,
+            "group_by_length": config.group_by_length}
 
   learning_rate_fn = optim.create_learning_rate_schedule(config, total_steps)
   state = steps.TrainState.create(apply_fn=model.apply, params=params,
@@ -367,13 +381,20 @@ def train(config, model, params, train_dataset, output_dir: pathlib.Path, evalua
   p_train_step = steps.pmap_train_step(learning_rate_fn, config)
   dropout_rng = jax.random.PRNGKey(config.seed + 1)
   manager = checkpoints.create_manager(output_dir)
-  train_log = TrainLog(output_dir / "train_log.jsonl", append=bool(resume_candidates))
+  monitor = reporting.TrainMonitor(output_dir, run_config=cli.config_to_dict(config),
+                                   start_step=start_step, total_steps=total_steps,
+                                   resumed=bool(resume_candidates))
+  train_log = TrainLog(output_dir / "train_log.jsonl", append=bool(resume_candidates),
+                       monitor=monitor)
 
   batches = repeat_epochs(train_dataset, config, start_step, steps_per_epoch)
   pending: list[tuple[int, dict[str, jax.Array]]] = []
   interval_sums = last_metrics = None
-  interval_tokens = 0
-  interval_start = train_start = time.time()
+  peak_flops, peak_source = perf.peak_flops_per_device()
+  log.info("MFU is measured against %.4g FLOP/s per device (%s)", peak_flops, peak_source)
+  throughput = perf.Throughput(model.config, peak_flops * jax.device_count(),
+                               jax.process_count())
+  train_start = time.time()
 
   def flush_pending():
     """Brings the pending step metrics to the host: the loop's only synchronisation."""
@@ -417,32 +438,31 @@ def train(config, model, params, train_dataset, output_dir: pathlib.Path, evalua
                                eval_metrics, config.metric_for_best_model,
                                config.greater_is_better)
 
-  with StopSignals() as stop_signals:
-    for step in range(start_step + 1, total_steps + 1):
+  with StopSignals() as stop_signals, monitor:
+    for step in monitor.steps():
       batch = next(batches)
-      interval_tokens += int(batch["attention_mask"].sum()
-                             + batch["decoder_attention_mask"].sum())
+      throughput.add(batch)
       state, step_metrics = p_train_step(state, batch, dropout_rng)
       pending.append((step, step_metrics))
       is_last = step == total_steps
       if step % config.logging_steps == 0 or is_last:
         flush_pending()
-        elapsed = time.time() - interval_start
         train_log.write({"step": step, "loss": metrics_lib.finalize(interval_sums)["loss"],
                          "learning_rate": float(last_metrics["learning_rate"]),
                          "grad_norm": float(last_metrics["grad_norm"]),
-                         "tokens_per_second": interval_tokens / elapsed,
+                         **throughput.report(),
                          "epoch": round(step / steps_per_epoch, 4)})
-        interval_sums, interval_tokens, interval_start = None, 0, time.time()
+        interval_sums = None
       eval_metrics = None
       # The last step's evaluation is left to do_eval, unless the last checkpoint competes for
       # the best.
       if (config.eval_steps and step % config.eval_steps == 0
           and (not is_last or tracks_best)):
         if evaluate_fn is not None:
+          throughput.pause()
           eval_metrics = evaluate_fn(state.params)
           train_log.write({"step": step, **eval_metrics})
-        interval_start = time.time()
+          throughput.resume()
       if (config.save_steps and step % config.save_steps == 0) or is_last:
         save(step, eval_metrics)
       elif stop_signals.received is not None:
@@ -466,6 +486,9 @@ def train(config, model, params, train_dataset, output_dir: pathlib.Path, evalua
       "train_samples_per_second": round(steps_run * global_batch / train_runtime, 3),
       "train_steps_per_second": round(steps_run / train_runtime, 3),
       "epoch": round(total_steps / steps_per_epoch, 4),
+      # Over the train steps alone (evaluation left out); padding tokens are not counted.
+      "train_tokens_per_second": throughput.summary()["tokens_per_second"],
+      "train_mfu": throughput.summary()["mfu"],
   }
   if tracks_best:
     train_results["best_model_checkpoint"] = str(best.step_dir) if best is not None else None
@@ -546,6 +569,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None = 
     write_json(output_dir / "eval_results.json", eval_results)
     all_results.update(eval_results)
     log.info("eval: %s", json.dumps(eval_results))
+  if config.do_train:
+    reporting.finish_training(output_dir, all_results)
   if config.do_predict:
     predict_results, predictions = evaluator(
         replicated_params, datasets["test"],

@@ -32,3 +32,52 @@ def make_safetensors_fail(monkeypatch) -> None:
       f.write(b"partial")
     raise OSError("disk full")
   monkeypatch.setattr(safetensors.numpy, "save_file", failing_save)
+
+
+def read_event_files(runs_dir):
+  """Every tensorboard Event in `runs_dir`'s event files, file by file in name order.
+
+  A minimal TFRecord reader (8-byte length, 4-byte crc, data, 4-byte crc) with the protobufs
+  that tensorboardX bundles, so the tests need no tensorboard.
+  """
+  import pathlib
+  import struct
+
+  from tensorboardX.proto import event_pb2
+  from tensorboardX.record_writer import masked_crc32c
+
+  events = []
+  for path in sorted(pathlib.Path(runs_dir).glob("events.out.tfevents.*")):
+    data = path.read_bytes()
+    offset = 0
+    while offset < len(data):
+      header = data[offset:offset + 8]
+      (length,) = struct.unpack("<Q", header)
+      (header_crc,) = struct.unpack("<I", data[offset + 8:offset + 12])
+      payload = data[offset + 12:offset + 12 + length]
+      (payload_crc,) = struct.unpack("<I", data[offset + 12 + length:offset + 16 + length])
+      assert header_crc == masked_crc32c(header) and payload_crc == masked_crc32c(payload), (
+          f"{path}: bad record at byte {offset}")
+      events.append(event_pb2.Event.FromString(payload))
+      offset += 16 + length
+  return events
+
+
+def tensorboard_scalars(runs_dir):
+  """{tag: [(step, value), ...]} of the scalars in `runs_dir`, in the order written."""
+  scalars = {}
+  for event in read_event_files(runs_dir):
+    for value in event.summary.value:
+      if value.WhichOneof("value") == "simple_value":
+        scalars.setdefault(value.tag, []).append((event.step, value.simple_value))
+  return scalars
+
+
+def tensorboard_texts(runs_dir):
+  """{tag: [text, ...]} of the text summaries in `runs_dir`."""
+  texts = {}
+  for event in read_event_files(runs_dir):
+    for value in event.summary.value:
+      if value.metadata.plugin_data.plugin_name == "text":
+        texts.setdefault(value.tag, []).append(value.tensor.string_val[0].decode())
+  return texts

@@ -509,3 +509,104 @@ def test_references_are_the_raw_summaries(tmp_path):
                        max_eval_samples=2)
   raw = input_pipeline.load_raw_datasets(config)
   assert input_pipeline.references(raw["validation"], config) == ["hello world", "short"]
+
+
+# ----------------------------------------------------------------------------------------------
+# Length buckets and grouping.
+
+
+def varied_arrays(num_examples, source_length=64, target_length=16, seed=0):
+  """Random token rows with source lengths 1..source_length and target lengths 2..target_length."""
+  rng = np.random.default_rng(seed)
+  input_ids = [rng.integers(2, 100, rng.integers(1, source_length + 1)).tolist()
+               for _ in range(num_examples)]
+  labels = [rng.integers(2, 100, rng.integers(2, target_length + 1)).tolist()
+            for _ in range(num_examples)]
+  return input_pipeline.to_arrays(tokenized_dataset(input_ids, labels),
+                                  max_source_length=source_length,
+                                  max_target_length=target_length)
+
+
+def test_bucket_lengths_are_even_multiples_of_8_up_to_the_max():
+  assert input_pipeline.bucket_lengths(256, 4) == (64, 128, 192, 256)
+  assert input_pipeline.bucket_lengths(48, 4) == (16, 24, 40, 48)
+  assert input_pipeline.bucket_lengths(100, 3) == (40, 72, 100)
+  assert input_pipeline.bucket_lengths(10, 4) == (8, 10)
+  assert input_pipeline.bucket_lengths(512, 1) == (512,)
+  with pytest.raises(UserError, match="--length_buckets must be at least 1"):
+    input_pipeline.bucket_lengths(512, 0)
+
+
+def test_bucketed_batches_are_the_padded_batches_cut_to_the_fitting_bucket():
+  arrays = varied_arrays(200)
+  buckets = input_pipeline.LengthBuckets.evenly_spaced(64, 16, 4)
+  layout = {"seed": 5, "epoch": 0, "per_device_batch_size": 1, "num_devices": 4}
+  padded = list(input_pipeline.train_batches(arrays, **layout))
+  bucketed = list(input_pipeline.train_batches(arrays, buckets=buckets, **layout))
+  widths = set()
+  for full, cut in zip(padded, bucketed, strict=True):
+    source_width, target_width = cut["input_ids"].shape[-1], cut["labels"].shape[-1]
+    widths.add((source_width, target_width))
+    longest_source = full["attention_mask"].sum(-1).max()
+    longest_target = full["decoder_attention_mask"].sum(-1).max()
+    assert source_width == min(b for b in buckets.source if b >= longest_source)
+    assert target_width == min(b for b in buckets.target if b >= longest_target)
+    for key, value in full.items():
+      if value.ndim == 3:
+        width = source_width if key in ("input_ids", "attention_mask") else target_width
+        np.testing.assert_array_equal(cut[key], value[..., :width])
+        assert not value[..., width:].any()  # Only padding was cut.
+      else:
+        np.testing.assert_array_equal(cut[key], value)
+  assert len(widths) > 2  # Several buckets occur in this data.
+
+
+def test_bucket_widths_follow_the_global_batch_on_every_process():
+  arrays = varied_arrays(64)
+  buckets = input_pipeline.LengthBuckets.evenly_spaced(64, 16, 8)
+  layout = {"seed": 0, "epoch": 0, "per_device_batch_size": 2, "buckets": buckets}
+  single = list(input_pipeline.train_batches(arrays, num_devices=4, **layout))
+  parts = [list(input_pipeline.train_batches(arrays, num_devices=2, process_index=p,
+                                             process_count=2, **layout)) for p in range(2)]
+  for whole, part0, part1 in zip(single, *parts, strict=True):
+    for key in whole:
+      np.testing.assert_array_equal(np.concatenate([part0[key], part1[key]]), whole[key])
+  eval_parts = [list(input_pipeline.eval_batches(arrays, per_device_batch_size=3, num_devices=2,
+                                                 process_index=p, process_count=2,
+                                                 buckets=buckets)) for p in range(2)]
+  eval_single = list(input_pipeline.eval_batches(arrays, per_device_batch_size=3, num_devices=4,
+                                                 buckets=buckets))
+  seen = []
+  for whole, part0, part1 in zip(eval_single, *eval_parts, strict=True):
+    np.testing.assert_array_equal(np.concatenate([part0["input_ids"], part1["input_ids"]]),
+                                  whole["input_ids"])
+    seen += [i for i in whole["example_index"].ravel() if i >= 0]
+  assert sorted(seen) == list(range(64))
+
+
+def test_group_by_length_sorts_within_megabatches_and_keeps_every_row():
+  arrays = varied_arrays(1000)
+  layout = {"seed": 2, "epoch": 1, "per_device_batch_size": 2, "num_devices": 2}
+  shuffled = np.concatenate(_train_order(arrays, **layout), axis=None)
+  grouped = np.concatenate(_train_order(arrays, grouped_by_length=True, **layout), axis=None)
+  np.testing.assert_array_equal(np.sort(grouped), np.sort(shuffled))
+  lengths = arrays.source_lengths[grouped]
+  megabatch = 50 * 4
+  for start in range(0, len(grouped), megabatch):
+    chunk = lengths[start:start + megabatch]
+    assert (np.diff(chunk) <= 0).all()  # Longest first.
+    np.testing.assert_array_equal(np.sort(grouped[start:start + megabatch]),
+                                  np.sort(shuffled[start:start + megabatch]))
+  resumed = np.concatenate(_train_order(arrays, grouped_by_length=True, start_batch=70,
+                                        **layout), axis=None)
+  np.testing.assert_array_equal(resumed, grouped[70 * 4:])
+
+
+def test_length_buckets_follow_the_config(tmp_path):
+  config = make_config(tmp_path, max_source_length=256, max_target_length=64,
+                       val_max_target_length=48)
+  assert input_pipeline.length_buckets(config, "train") == input_pipeline.LengthBuckets(
+      (64, 128, 192, 256), (16, 32, 48, 64))
+  assert input_pipeline.length_buckets(config, "test").target == (16, 24, 40, 48)
+  config.pad_to_max_length = True
+  assert input_pipeline.length_buckets(config, "train") is None

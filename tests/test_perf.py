@@ -39,3 +39,27 @@ def test_peak_flops_on_cpu_is_the_measured_matmul_rate_shared_by_devices():
   assert source == "measured float32 matmul rate of this CPU"
   assert peak == pytest.approx(perf.measured_matmul_flops() / jax.local_device_count())
   assert peak > 1e8
+
+
+def test_throughput_rates_count_real_tokens_and_leave_out_paused_time(monkeypatch):
+  clock = iter([0.0, 10.0, 14.0, 16.0, 16.0, 20.0, 20.0, 30.0])  # time.perf_counter calls.
+  monkeypatch.setattr(perf.time, "perf_counter", lambda: next(clock))
+  config = T5Config(vocab_size=100, d_model=8, d_kv=4, d_ff=16, num_layers=1, num_heads=2)
+  batch = {"input_ids": jnp.zeros((2, 3, 16)), "labels": jnp.zeros((2, 3, 8)),
+           "attention_mask": jnp.ones((2, 3, 16)).at[:, :, 10:].set(0),
+           "decoder_attention_mask": jnp.ones((2, 3, 8)).at[:, :, 4:].set(0)}
+  flops_per_step = 6 * 2 * perf.train_flops_per_example(config, 16, 8)  # 2 processes.
+  throughput = perf.Throughput(config, peak_flops_per_second=1e9, process_count=2)  # t=0
+  throughput.add(batch)
+  throughput.add(batch)
+  throughput.pause()  # t=10: evaluation from here...
+  throughput.resume()  # t=14: ...to here is left out.
+  rates = throughput.report()  # t=16, restarts at t=16: 12 s of steps.
+  assert rates["examples_per_second"] == round(2 * 12 / 12, 3)
+  assert rates["tokens_per_second"] == round(2 * 2 * 6 * (10 + 4) / 12, 1)
+  assert rates["mfu"] == round(2 * flops_per_step / 12 / 1e9, 4)
+  throughput.add(batch)
+  second = throughput.report()  # t=20: 4 s.
+  assert second["examples_per_second"] == round(12 / 4, 3)
+  assert throughput.summary()["examples_per_second"] == round(36 / 16, 3)
+  assert perf.Throughput(config, 0.0).summary()["mfu"] is None

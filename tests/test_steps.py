@@ -145,3 +145,29 @@ def test_eval_loss_is_the_token_weighted_mean_for_any_batch_size_and_device_coun
   assert totals["denominator"] == token_sum == sum(len(e["labels"]) for e in examples)
   np.testing.assert_allclose(metrics_lib.finalize(totals)["loss"], loss_sum / token_sum,
                              rtol=1e-6)
+
+
+def test_a_batch_cut_to_its_length_bucket_has_the_same_loss_and_gradients():
+  model_config = tiny_config()
+  examples = random_examples(8, seed=3, source_length=30, target_length=12)
+  arrays = input_pipeline._as_arrays(examples, 40, 24)
+  buckets = input_pipeline.LengthBuckets.evenly_spaced(40, 24, 4)
+  layout = {"seed": 0, "epoch": 0, "per_device_batch_size": 8, "num_devices": 1}
+  padded = next(input_pipeline.train_batches(arrays, **layout))
+  cut = next(input_pipeline.train_batches(arrays, buckets=buckets, **layout))
+  assert cut["input_ids"].shape[-1] == 32 and cut["labels"].shape[-1] == 16
+  state = make_state(model_config)
+
+  def loss_and_grads(batch):
+    batch = jax.tree.map(lambda x: x[0], batch)
+    def loss(params):
+      logits = T5(model_config).apply(
+          {"params": params}, batch["input_ids"], batch["attention_mask"],
+          batch["decoder_input_ids"], batch["decoder_attention_mask"])
+      return steps.cross_entropy_sums(logits, batch["labels"], batch["decoder_attention_mask"])[0]
+    return jax.value_and_grad(loss)(state.params)
+
+  (padded_loss, padded_grads), (cut_loss, cut_grads) = loss_and_grads(padded), loss_and_grads(cut)
+  np.testing.assert_allclose(cut_loss, padded_loss, rtol=1e-6)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+               cut_grads, padded_grads)

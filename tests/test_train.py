@@ -14,6 +14,7 @@ import jax
 import numpy as np
 import pytest
 
+import helpers
 from flax_sum import checkpoints
 from flax_sum import hf_checkpoint
 from flax_sum import steps
@@ -103,6 +104,18 @@ def test_a_csv_with_custom_columns_trains_and_writes_every_output(tiny_run):
   # One line per predict example, in order, even though 5 rows do not fill 8 devices.
   predictions = (output_dir / "generated_predictions.txt").read_text().split("\n")
   assert predictions[-1] == "" and len(predictions) == 6
+
+  # TensorBoard has every train-log record, and the final evaluation at the last step.
+  scalars = helpers.tensorboard_scalars(output_dir / "runs")
+  assert [step for step, _ in scalars["train/loss"]] == [2, 4, 6]
+  assert [value for _, value in scalars["train/loss"]] == pytest.approx(
+      [r["loss"] for r in train_records], rel=1e-6)
+  assert {"train/learning_rate", "train/grad_norm", "train/tokens_per_second"} <= set(scalars)
+  assert [step for step, _ in scalars["eval/rouge1"]] == [4, 6]
+  assert scalars["eval/loss"][-1][1] == pytest.approx(all_results["eval_loss"], rel=1e-6)
+  texts = helpers.tensorboard_texts(output_dir / "runs")
+  assert '"max_steps": 6' in texts["run_config/text_summary"][0]
+  assert (output_dir / "report.png").read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
 
 
 def test_eval_only_from_the_trained_output_dir_reproduces_the_eval_results(tiny_run):
