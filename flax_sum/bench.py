@@ -32,7 +32,6 @@ import datasets
 import jax
 import numpy as np
 import transformers
-from flax import jax_utils
 
 from flax_sum import config as config_lib
 from flax_sum import decode
@@ -118,7 +117,7 @@ def _flax_training_seconds(model_config: T5Config, params: Any,
   state = steps.TrainState.create(apply_fn=T5(model_config).apply, params=params,
                                   tx=optim.create_optimizer(config, schedule))
   device = jax.local_devices()[:1]
-  state = jax_utils.replicate(state, devices=device)
+  state = steps.replicate(state, devices=device)
   p_train_step = steps.pmap_train_step(schedule, config)
   dropout_rng = jax.random.PRNGKey(0)
 

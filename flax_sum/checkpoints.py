@@ -205,18 +205,20 @@ def load_params(checkpoint_path: str | pathlib.Path) -> tuple[T5Config, Any]:
               PROGRESS_ITEM: ocp.JsonCheckpointHandler()}
   with ocp.Checkpointer(ocp.CompositeCheckpointHandler(**handlers)) as checkpointer:
     state_metadata = checkpointer.metadata(step_dir).item_metadata[STATE_ITEM].tree
-    if "params" not in state_metadata:
+    # A run with bfloat16 params keeps their float32 master weights beside them.
+    weights_key = "master_params" if state_metadata.get("master_params") else "params"
+    if weights_key not in state_metadata:
       raise UserError(f"checkpoint {step_dir} holds no params")
-    params_metadata = state_metadata["params"]
+    params_metadata = state_metadata[weights_key]
     # Restored as host numpy arrays: no device layout needed, whatever the saving machine had.
     restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray),
                                 params_metadata)
     restored = checkpointer.restore(step_dir, args=ocp.args.Composite(**{
-        STATE_ITEM: ocp.args.PyTreeRestore(item={"params": params_metadata},
-                                           restore_args={"params": restore_args},
+        STATE_ITEM: ocp.args.PyTreeRestore(item={weights_key: params_metadata},
+                                           restore_args={weights_key: restore_args},
                                            partial_restore=True),
         MODEL_CONFIG_ITEM: ocp.args.JsonRestore(),
     }))
   config = T5Config.from_hf_dict(restored[MODEL_CONFIG_ITEM])
-  params = jax.tree.map(lambda x: np.asarray(x, np.float32), restored[STATE_ITEM]["params"])
+  params = jax.tree.map(lambda x: np.asarray(x, np.float32), restored[STATE_ITEM][weights_key])
   return config, params

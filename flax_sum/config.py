@@ -39,7 +39,11 @@ FIELDS: tuple[Field, ...] = (
     Field("tokenizer_name", None, str, "Directory holding spiece.model or tokenizer files "
           "(if None: the model's directory, else the bundled T5 vocabulary).", "model"),
     Field("cache_dir", None, str, "Where downloaded models and datasets are stored.", "model"),
-    Field("dtype", "float32", str, "Compute dtype: float32 or bfloat16.", "model"),
+    Field("dtype", "auto", str, "Compute dtype: float32, bfloat16, or auto (bfloat16 on GPUs and "
+          "TPUs, float32 on CPUs); softmax and loss stay float32.", "model"),
+    Field("param_dtype", "auto", str, "Dtype of the params the model computes with: float32, or "
+          "bfloat16 with float32 master weights in the optimizer state; auto: the compute dtype "
+          "on GPUs and TPUs, float32 on CPUs.", "model"),
     # Data.
     Field("dataset_name", None, str, "A dataset on the Hugging Face Hub, e.g. cnn_dailymail.",
           "data"),
@@ -151,6 +155,16 @@ FIELDS: tuple[Field, ...] = (
     Field("fp16", False, bool, "float16 mixed precision: runs as bfloat16 (T5 overflows in "
           "float16).", "later"),
     Field("bf16", False, bool, "bfloat16 compute.", "later"),
+    # Several processes, one per host (see flax_sum.distributed).
+    Field("coordinator_address", None, str, "HOST:PORT of process 0 for a multi-host run, "
+          "reachable from every host; every process gets the same value and --num_processes "
+          "(if None: detected on Cloud TPU VMs and under SLURM's srun, else one process).",
+          "distributed"),
+    Field("num_processes", None, int, "Processes in a multi-host run, one per host, each "
+          "driving all of its devices (if None: detected, else 1).", "distributed"),
+    Field("process_id", None, int, "This process's rank, 0 to num_processes - 1; process 0 "
+          "runs on the coordinator's host and writes every output (if None: detected).",
+          "distributed"),
 )
 
 FIELDS_BY_KEY = {f.key: f for f in FIELDS}

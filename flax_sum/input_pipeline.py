@@ -15,6 +15,8 @@ import json
 import logging
 import math
 import pathlib
+import queue
+import threading
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
@@ -621,3 +623,43 @@ def eval_batches(data: BatchSource, *, per_device_batch_size: int,
                         _padded_widths(arrays, global_rows, buckets))
 
   return batches()
+
+
+def in_background(items: Iterator[Any], size: int = 2) -> Iterator[Any]:
+  """`items` produced up to `size` ahead on a daemon thread (numpy releases the GIL while it
+  gathers and pads), so the step loop does not wait for its next batch. An exception raised
+  by `items` is raised here; closing the returned generator stops the thread."""
+  ready: queue.Queue = queue.Queue(maxsize=size)
+  stopped = threading.Event()
+  end = object()
+
+  def put(item) -> bool:
+    while not stopped.is_set():
+      try:
+        ready.put(item, timeout=0.1)
+        return True
+      except queue.Full:
+        pass
+    return False
+
+  def produce():
+    try:
+      for item in items:
+        if not put(item):
+          return
+    except BaseException as error:  # Handed to the consumer, which raises it.
+      put((end, error))
+      return
+    put((end, None))
+
+  threading.Thread(target=produce, daemon=True, name="batches").start()
+  try:
+    while True:
+      item = ready.get()
+      if isinstance(item, tuple) and len(item) == 2 and item[0] is end:
+        if item[1] is not None:
+          raise item[1]
+        return
+      yield item
+  finally:
+    stopped.set()

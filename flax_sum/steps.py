@@ -7,11 +7,12 @@ same whatever the batch size or device count: the caller adds the sums up and di
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 import optax
+from flax import jax_utils
 from flax.training import train_state
 
 from flax_sum import decode
@@ -22,7 +23,41 @@ Batch = dict[str, jax.Array]
 
 
 class TrainState(train_state.TrainState):
-  """Params, optimizer state and step; `apply_fn` is the T5 module's apply."""
+  """Params, optimizer state and step; `apply_fn` is the T5 module's apply.
+
+  With bfloat16 params (`create(..., param_dtype=jnp.bfloat16)`), `params` are what the model
+  computes with and `master_params` the float32 weights the optimizer updates; every update
+  rounds the new master weights to bfloat16 params. With float32 params, `master_params` is
+  None and `params` are updated directly.
+  """
+  master_params: Any = None
+
+  @classmethod
+  def create(cls, *, apply_fn, params, tx, param_dtype=jnp.float32, **kwargs):
+    param_dtype = jnp.dtype(param_dtype)
+    master = jax.tree.map(lambda p: jnp.asarray(p, jnp.float32), params)
+    if param_dtype == jnp.float32:
+      return super().create(apply_fn=apply_fn, params=master, tx=tx, **kwargs)
+    return cls(step=0, apply_fn=apply_fn, params=_cast(master, param_dtype), tx=tx,
+               opt_state=tx.init(master), master_params=master, **kwargs)
+
+  def apply_gradients(self, *, grads, **kwargs):
+    if self.master_params is None:
+      return super().apply_gradients(grads=grads, **kwargs)
+    grads = _cast(grads, jnp.float32)
+    updates, opt_state = self.tx.update(grads, self.opt_state, self.master_params)
+    master = optax.apply_updates(self.master_params, updates)
+    param_dtype = jax.tree.leaves(self.params)[0].dtype
+    return self.replace(step=self.step + 1, params=_cast(master, param_dtype),
+                        master_params=master, opt_state=opt_state, **kwargs)
+
+  def float32_params(self):
+    """The weights at full precision: what is exported and checkpointed for inference."""
+    return self.params if self.master_params is None else self.master_params
+
+
+def _cast(tree, dtype):
+  return jax.tree.map(lambda x: x.astype(dtype), tree)
 
 
 def cross_entropy_sums(logits: jax.Array, labels: jax.Array, weights: jax.Array,
@@ -81,9 +116,12 @@ def train_step(state: TrainState, batch: Batch, dropout_rng: jax.Array, *,
     def accumulate(carry, inputs):
       index, micro_batch = inputs
       grads, loss_sum = micro_step(micro_batch, jax.random.fold_in(rng, index))
+      grads = _cast(grads, jnp.float32)
       return jax.tree.map(jnp.add, carry, (grads, loss_sum)), None
 
-    zeros = (jax.tree.map(jnp.zeros_like, state.params), jnp.zeros((), jnp.float32))
+    # Summed in float32 whatever the params' dtype.
+    zeros = (jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params),
+             jnp.zeros((), jnp.float32))
     (grads, loss_sum), _ = jax.lax.scan(
         accumulate, zeros, (jnp.arange(accumulation_steps), micro_batches))
 
@@ -91,7 +129,7 @@ def train_step(state: TrainState, batch: Batch, dropout_rng: jax.Array, *,
   metrics = {
       "loss": jax.lax.psum(loss_sum, AXIS),
       "denominator": global_tokens,
-      "grad_norm": optax.tree.norm(grads),
+      "grad_norm": optax.tree.norm(_cast(grads, jnp.float32)),
       "learning_rate": learning_rate_fn(state.step),
   }
   return state.apply_gradients(grads=grads), metrics
@@ -111,6 +149,21 @@ def generate_step(params, batch: Batch, *, model,
                   settings: decode.GenerationSettings) -> jax.Array:
   """Summaries [per_device_batch, settings.max_new_tokens] for this device's rows."""
   return decode.generate(model, params, batch["input_ids"], batch["attention_mask"], settings)
+
+
+@functools.lru_cache(maxsize=None)
+def _identity_on(devices: tuple[jax.Device, ...] | None):
+  return jax.pmap(lambda tree: tree, axis_name=AXIS, donate_argnums=(0,),
+                  devices=list(devices) if devices else None)
+
+
+def replicate(tree, devices: Sequence[jax.Device] | None = None):
+  """`tree` copied to every local device (or to `devices`), laid out exactly as the pmapped
+  steps lay out their outputs (a mesh axis named AXIS). `flax.jax_utils.replicate` alone names
+  its mesh axis differently, and a pmapped step would compile a second time when its first
+  outputs come back as inputs."""
+  devices = tuple(devices) if devices else None
+  return _identity_on(devices)(jax_utils.replicate(tree, devices))
 
 
 def pmap_train_step(learning_rate_fn: optax.Schedule, config):

@@ -18,7 +18,6 @@ from typing import Any, Iterator, Sequence, TextIO
 
 import jax
 import ml_collections
-from flax import jax_utils
 import numpy as np
 import tqdm
 
@@ -27,6 +26,7 @@ from flax_sum import config as config_lib
 from flax_sum import decode
 from flax_sum import hf_checkpoint
 from flax_sum import input_pipeline
+from flax_sum import steps
 from flax_sum.errors import UserError
 from flax_sum.model import T5
 
@@ -171,7 +171,7 @@ class Summarizer:
     task_params = (model_config.extra.get("task_specific_params") or {}).get("summarization")
     self.default_prefix = (task_params or {}).get("prefix") or ""
     self.num_devices = jax.local_device_count()
-    self.params = jax_utils.replicate(params)
+    self.params = steps.replicate(params)
     model, settings = T5(self.model_config), self.settings
     self._generate = jax.pmap(
         lambda p, ids, mask: decode.generate(model, p, ids, mask, settings))

@@ -20,11 +20,11 @@ from typing import Any, Iterator
 import jax
 import ml_collections
 import numpy as np
-from flax import jax_utils
 
 from flax_sum import checkpoints
 from flax_sum import cli
 from flax_sum import decode
+from flax_sum import distributed
 from flax_sum import hf_checkpoint
 from flax_sum import hub
 from flax_sum import input_pipeline
@@ -70,8 +70,9 @@ def prepare_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDi
     config.dtype = "bfloat16"
   if config.bf16:
     config.dtype = "bfloat16"
-  if config.dtype not in ("float32", "bfloat16"):
-    raise UserError(f"--config.dtype={config.dtype!r} is not supported: use float32 or bfloat16")
+  for key in ("dtype", "param_dtype"):
+    if config[key] not in ("auto", "float32", "bfloat16"):
+      raise UserError(f"--{key} {config[key]!r} is not supported: use float32, bfloat16 or auto")
   for key in ("per_device_train_batch_size", "per_device_eval_batch_size",
               "gradient_accumulation_steps", "max_source_length", "max_target_length",
               "val_max_target_length"):
@@ -152,6 +153,18 @@ def use_trained_model_in_output_dir(config, output_dir: pathlib.Path) -> None:
     config.model_name_or_path = str(output_dir)
 
 
+def resolve_precision(config) -> None:
+  """Replaces dtype/param_dtype 'auto' by what suits the backend: bfloat16 compute and params
+  (float32 master weights) on GPUs and TPUs, float32 on CPUs, whose bfloat16 is emulated or
+  slower for everything but matmuls. Called after jax.distributed is set up."""
+  on_accelerator = jax.default_backend() in ("gpu", "tpu", "cuda", "rocm")
+  if config.dtype == "auto":
+    config.dtype = "bfloat16" if on_accelerator else "float32"
+  if config.param_dtype == "auto":
+    config.param_dtype = config.dtype if on_accelerator else "float32"
+  log.info("Precision: %s compute, %s params", config.dtype, config.param_dtype)
+
+
 def load_model(config, vocabulary_size: int):
   """(T5Config, params): pretrained weights or a random init of --config_name."""
   if config.model_name_or_path:
@@ -203,7 +216,7 @@ class Evaluator:
     config = self.config
     buckets = input_pipeline.length_buckets(config, "validation")
     sums = None
-    generated = [None] * len(dataset) if config.predict_with_generate else None
+    local_tokens, local_indices = [], []
     num_batches = input_pipeline.num_eval_batches(
         len(dataset), config.per_device_eval_batch_size * jax.device_count())
     for batch in reporting.progress_bar(input_pipeline.eval_batches(
@@ -213,15 +226,21 @@ class Evaluator:
         process_index=jax.process_index(), process_count=jax.process_count(), buckets=buckets),
         total=num_batches, desc=prefix, unit="batch", leave=False):
       sums = metrics_lib.accumulate(sums, first_replica(self.p_eval_step(params, batch)))
-      if generated is not None:
+      if config.predict_with_generate:
         tokens = np.asarray(self.p_generate_step(params, batch))
-        tokens = tokens.reshape(-1, tokens.shape[-1])
-        for row, index in zip(tokens, batch["example_index"].reshape(-1)):
-          if index >= 0:
-            generated[index] = row
+        local_tokens.append(tokens.reshape(-1, tokens.shape[-1]))
+        local_indices.append(batch["example_index"].reshape(-1))
     results = {f"{prefix}_{name}": value for name, value in metrics_lib.finalize(sums).items()}
     predictions = None
-    if generated is not None:
+    if config.predict_with_generate:
+      # Each process generated its slice of every batch: one gather gives every process all
+      # rows, so all compute the same ROUGE (and agree on the best checkpoint).
+      tokens, indices = distributed.gather_rows((np.concatenate(local_tokens),
+                                                 np.concatenate(local_indices)))
+      generated = [None] * len(dataset)
+      for row, index in zip(tokens, indices):
+        if index >= 0:
+          generated[index] = row
       predictions = [text.strip().replace("\n", " ") for text in
                      self.tokenizer.batch_decode(generated, skip_special_tokens=True)]
       rouge = metrics_lib.compute_rouge(predictions, references)
@@ -237,19 +256,21 @@ class TrainLog:
 
   def __init__(self, path: pathlib.Path, append: bool,
                monitor: reporting.TrainMonitor | None = None):
-    self.file = path.open("a" if append else "w")
+    self.file = path.open("a" if append else "w") if distributed.is_main_process() else None
     self.monitor = monitor
 
   def write(self, record: dict[str, Any]) -> None:
-    self.file.write(json.dumps(record) + "\n")
-    self.file.flush()
+    if self.file is not None:
+      self.file.write(json.dumps(record) + "\n")
+      self.file.flush()
     if self.monitor is not None:
       self.monitor.write(record)
     log.info("  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
                        for k, v in record.items()))
 
   def close(self):
-    self.file.close()
+    if self.file is not None:
+      self.file.close()
 
 
 def restore_progress(candidates: list[pathlib.Path], state, expected: dict[str, Any]):
@@ -354,7 +375,8 @@ def train(config, model, params, train_dataset, output_dir: pathlib.Path, evalua
 
   learning_rate_fn = optim.create_learning_rate_schedule(config, total_steps)
   state = steps.TrainState.create(apply_fn=model.apply, params=params,
-                                  tx=optim.create_optimizer(config, learning_rate_fn))
+                                  tx=optim.create_optimizer(config, learning_rate_fn),
+                                  param_dtype=config.param_dtype)
   start_step, run_sums = 0, None
   # Hugging Face tracks the best checkpoint whenever a metric for it is set.
   tracks_best = config.metric_for_best_model is not None
@@ -370,14 +392,19 @@ def train(config, model, params, train_dataset, output_dir: pathlib.Path, evalua
       if best is not None:
         log.info("Best checkpoint so far: %s (%s %.6g)", best.step_dir,
                  config.metric_for_best_model, best.metric)
-    for stale in checkpoints.set_aside_after(output_dir, start_step):
-      log.warning("Set aside checkpoint %s, which is after the resumed step", stale)
-  else:
+    # Every process has read its checkpoint before process 0 renames the later ones.
+    distributed.barrier("checkpoint restored")
+    if distributed.is_main_process():
+      for stale in checkpoints.set_aside_after(output_dir, start_step):
+        log.warning("Set aside checkpoint %s, which is after the resumed step", stale)
+  elif distributed.is_main_process():
     checkpoints.remove_all(output_dir)
+  # Each process's checkpoint manager must find the directory as process 0 left it.
+  distributed.barrier("checkpoint directory ready")
   log.info("Training steps %d to %d (%.2f epochs of %d examples), global batch %d on %d devices",
            start_step + 1, total_steps, total_steps / steps_per_epoch, len(train_dataset),
            global_batch, jax.device_count())
-  state = jax_utils.replicate(state)
+  state = steps.replicate(state)
   p_train_step = steps.pmap_train_step(learning_rate_fn, config)
   dropout_rng = jax.random.PRNGKey(config.seed + 1)
   manager = checkpoints.create_manager(output_dir)
@@ -387,7 +414,8 @@ def train(config, model, params, train_dataset, output_dir: pathlib.Path, evalua
   train_log = TrainLog(output_dir / "train_log.jsonl", append=bool(resume_candidates),
                        monitor=monitor)
 
-  batches = repeat_epochs(train_dataset, config, start_step, steps_per_epoch)
+  batches = input_pipeline.in_background(
+      repeat_epochs(train_dataset, config, start_step, steps_per_epoch))
   pending: list[tuple[int, dict[str, jax.Array]]] = []
   interval_sums = last_metrics = None
   peak_flops, peak_source = perf.peak_flops_per_device()
@@ -416,6 +444,8 @@ def train(config, model, params, train_dataset, output_dir: pathlib.Path, evalua
   def finish_saves():
     """Waits for the save in flight, then applies --save_total_limit to the complete ones."""
     manager.wait_until_finished()
+    if not distributed.is_main_process():
+      return
     best_step = (int(best.step_dir.name) if best is not None
                  and best.step_dir.parent == checkpoints.checkpoint_dir(output_dir) else None)
     for deleted in checkpoints.apply_save_total_limit(output_dir, config.save_total_limit,
@@ -438,6 +468,7 @@ def train(config, model, params, train_dataset, output_dir: pathlib.Path, evalua
                                eval_metrics, config.metric_for_best_model,
                                config.greater_is_better)
 
+  stop_vote = distributed.StopVote()
   with StopSignals() as stop_signals, monitor:
     for step in monitor.steps():
       batch = next(batches)
@@ -463,16 +494,17 @@ def train(config, model, params, train_dataset, output_dir: pathlib.Path, evalua
           eval_metrics = evaluate_fn(state.params)
           train_log.write({"step": step, **eval_metrics})
           throughput.resume()
+      stop_signal = stop_vote(stop_signals.received)
       if (config.save_steps and step % config.save_steps == 0) or is_last:
         save(step, eval_metrics)
-      elif stop_signals.received is not None:
+      elif stop_signal is not None:
         save(step)
-      if stop_signals.received is not None and not is_last:
+      if stop_signal is not None and not is_last:
         finish_saves()
-        name = signal.Signals(stop_signals.received).name
+        name = signal.Signals(stop_signal).name
         raise RunStopped(f"stopped by {name} after step {step} of {total_steps}; checkpoint "
                          f"saved in {checkpoints.checkpoint_dir(output_dir) / str(step)}: run "
-                         "the same command again to resume", exit_code=128 + stop_signals.received)
+                         "the same command again to resume", exit_code=128 + stop_signal)
   steps_run = total_steps - start_step
   train_runtime = time.time() - train_start
   finish_saves()
@@ -494,11 +526,11 @@ def train(config, model, params, train_dataset, output_dir: pathlib.Path, evalua
     train_results["best_model_checkpoint"] = str(best.step_dir) if best is not None else None
     train_results["best_metric"] = best.metric if best is not None else None
   if not config.load_best_model_at_end:
-    return first_replica(state.params), train_results
+    return first_replica(state.float32_params()), train_results
   if best is None:
     log.warning("--load_best_model_at_end: no checkpoint was evaluated (every %d steps, %d steps "
                 "in all), so the final model is the last step's", config.eval_steps, total_steps)
-    return first_replica(state.params), train_results
+    return first_replica(state.float32_params()), train_results
   log.info("Best checkpoint: step %s (%s %.6g); its params are the final model",
            best.step_dir.name, config.metric_for_best_model, best.metric)
   _, best_params = checkpoints.load_params(best.step_dir)
@@ -510,13 +542,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None = 
   if workdir is not None:
     config = ml_collections.ConfigDict(config.to_dict())
     config.output_dir = workdir
+  distributed.initialize(config)  # Before any other JAX call.
   config = prepare_config(config)
   output_dir = prepare_output_dir(config)
   resume_candidates = checkpoints_to_resume(config, output_dir)
+  # Every process has checked output_dir before process 0 writes into it.
+  distributed.barrier("output_dir checked")
+  is_main = distributed.is_main_process()
   # Checked before any work, so a missing login does not surface after hours of training.
   hub_target = hub.check_hub_access(config) if config.push_to_hub else None
-  log.info("JAX %s on %d %s device(s); output_dir %s", jax.__version__, jax.device_count(),
-           jax.default_backend(), output_dir)
+  log.info("JAX %s on %d %s device(s) in %d process(es); output_dir %s", jax.__version__,
+           jax.device_count(), jax.default_backend(), jax.process_count(), output_dir)
 
   use_trained_model_in_output_dir(config, output_dir)
   tokenizer = input_pipeline.load_tokenizer(config)
@@ -527,9 +563,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None = 
       dataset, max_source_length=config.max_source_length,
       max_target_length=input_pipeline.target_length(config, split))
               for split, dataset in tokenized.items()}
+  resolve_precision(config)
   model_config, params = load_model(config, len(tokenizer))
   model = T5(model_config)
-  if config.do_train:
+  if config.do_train and is_main:
     write_json(output_dir / "run_config.json", cli.config_to_dict(config))
 
   model_dir = (hf_checkpoint.resolve_model_dir(config.model_name_or_path, config.cache_dir)
@@ -557,16 +594,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None = 
     params, train_results = train(config, model, params, datasets["train"], output_dir,
                                   evaluate_validation if config.do_eval else None,
                                   resume_candidates)
-    hf_checkpoint.save_pretrained(output_dir, dataclasses.replace(model_config, dtype="float32"),
-                                  params, tokenizer, generation_settings.to_hf_dict())
-    write_json(output_dir / "train_results.json", train_results)
+    if is_main:
+      hf_checkpoint.save_pretrained(output_dir,
+                                    dataclasses.replace(model_config, dtype="float32"), params,
+                                    tokenizer, generation_settings.to_hf_dict())
+      write_json(output_dir / "train_results.json", train_results)
+      log.info("Saved the model to %s", output_dir)
     all_results.update(train_results)
-    log.info("Saved the model to %s", output_dir)
 
-  replicated_params = jax_utils.replicate(params)
+  replicated_params = steps.replicate(params)
   if config.do_eval:
     eval_results = evaluate_validation(replicated_params)
-    write_json(output_dir / "eval_results.json", eval_results)
+    if is_main:
+      write_json(output_dir / "eval_results.json", eval_results)
     all_results.update(eval_results)
     log.info("eval: %s", json.dumps(eval_results))
   if config.do_train:
@@ -575,16 +615,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None = 
     predict_results, predictions = evaluator(
         replicated_params, datasets["test"],
         input_pipeline.references(raw_datasets["test"], config), "predict")
-    write_json(output_dir / "predict_results.json", predict_results)
     all_results.update(predict_results)
-    if predictions is not None:
-      (output_dir / "generated_predictions.txt").write_text("\n".join(predictions) + "\n")
+    if is_main:
+      write_json(output_dir / "predict_results.json", predict_results)
+      if predictions is not None:
+        (output_dir / "generated_predictions.txt").write_text("\n".join(predictions) + "\n")
     log.info("predict: %s", json.dumps(predict_results))
-  write_json(all_results_path, all_results)
-  if hub_target is not None and jax.process_index() == 0:
+  if is_main:
+    write_json(all_results_path, all_results)
+  if hub_target is not None and is_main:
     hub.write_model_card(output_dir, cli.config_to_dict(config), all_results,
                          repo_id=hub_target.repo_id)
     log.info("Pushed to the Hub: %s", hub.push_to_hub(hub_target, output_dir))
+  # The others wait for process 0's writes and upload, so no process exits before the run is
+  # complete.
+  distributed.barrier("outputs written")
   return all_results
 
 
@@ -595,6 +640,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger(noisy).setLevel(logging.WARNING)
   try:
     config = cli.parse_args(sys.argv[1:] if argv is None else argv)
+    if distributed.initialize(config) and not distributed.is_main_process():
+      logging.getLogger().setLevel(logging.WARNING)
     train_and_evaluate(config)
   except UserError as error:
     print(f"error: {error}", file=sys.stderr)

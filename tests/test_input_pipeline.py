@@ -610,3 +610,34 @@ def test_length_buckets_follow_the_config(tmp_path):
   assert input_pipeline.length_buckets(config, "test").target == (16, 24, 40, 48)
   config.pad_to_max_length = True
   assert input_pipeline.length_buckets(config, "train") is None
+
+
+def test_in_background_yields_every_item_in_order_and_reraises_errors():
+  assert list(input_pipeline.in_background(iter(range(50)), size=3)) == list(range(50))
+
+  def failing():
+    yield 1
+    raise ValueError("bad row 2")
+
+  items = input_pipeline.in_background(failing())
+  assert next(items) == 1
+  with pytest.raises(ValueError, match="bad row 2"):
+    next(items)
+
+
+def test_closing_in_background_stops_its_thread():
+  import time
+  produced = []
+
+  def endless():
+    while True:
+      produced.append(len(produced))
+      yield produced[-1]
+
+  items = input_pipeline.in_background(endless(), size=2)
+  assert [next(items) for _ in range(3)] == [0, 1, 2]
+  items.close()
+  time.sleep(0.5)
+  count = len(produced)
+  time.sleep(0.3)
+  assert len(produced) == count <= 3 + 2 + 1  # Stopped: at most the buffer filled after us.
