@@ -30,6 +30,7 @@ from typing import Any, Callable
 
 import datasets
 import jax
+import jax.numpy as jnp
 import numpy as np
 import transformers
 
@@ -235,19 +236,22 @@ def bench_generate(model_config: T5Config, params: Any,
   settings = decode.GenerationSettings(
       max_new_tokens=args.max_new_tokens, num_beams=args.num_beams, min_length=0,
       length_penalty=2.0, early_stopping=True, no_repeat_ngram_size=3)
-  model = T5(model_config)
-  generate = jax.jit(lambda p, i, m: decode.generate(model, p, i, m, settings))
-  tokens = {}
-
-  def run_ours():
-    tokens["ours"] = np.asarray(generate(params, input_ids, mask))
-
-  first_call_s = _timed(run_ours)
-  ours_s = _best_time(run_ours, args.repeats)
+  tokens, seconds = {}, {}
   result = {"batch_size": args.generate_batch_size, "source_length": args.source_length,
-            "settings": dataclasses.asdict(settings),
-            "flax_sum_summaries_per_second": round(args.generate_batch_size / ours_s, 3),
-            "flax_sum_first_call_seconds": round(first_call_s, 2)}
+            "settings": dataclasses.asdict(settings)}
+  # float32 as PyTorch runs; bfloat16 (params and compute) as an option where matmuls gain.
+  for dtype, name in ((jnp.float32, "flax_sum"), (jnp.bfloat16, "flax_sum_bfloat16")):
+    model = T5(dataclasses.replace(model_config, dtype=dtype))
+    cast_params = jax.tree.map(lambda x: x.astype(dtype), params)
+    generate = jax.jit(lambda p, i, m: decode.generate(model, p, i, m, settings))
+
+    def run_ours():
+      tokens[name] = np.asarray(generate(cast_params, input_ids, mask))
+
+    result[f"{name}_first_call_seconds"] = round(_timed(run_ours), 2)
+    seconds[name] = _best_time(run_ours, args.repeats)
+    result[f"{name}_summaries_per_second"] = round(args.generate_batch_size / seconds[name], 3)
+  ours_s = seconds["flax_sum"]
   torch = _torch()
   if torch is None or args.skip_torch:
     return result
@@ -267,9 +271,12 @@ def bench_generate(model_config: T5Config, params: Any,
   theirs_s = _best_time(run_theirs, args.repeats)
   result["transformers_summaries_per_second"] = round(args.generate_batch_size / theirs_s, 3)
   result["speedup"] = round(theirs_s / ours_s, 2)
-  width = min(tokens["theirs"].shape[1], tokens["ours"].shape[1])
+  result["speedup_bfloat16"] = round(theirs_s / seconds["flax_sum_bfloat16"], 2)
+  width = min(tokens["theirs"].shape[1], tokens["flax_sum"].shape[1])
   result["same_tokens"] = bool(
-      (tokens["theirs"][:, :width] == tokens["ours"][:, :width]).all())
+      (tokens["theirs"][:, :width] == tokens["flax_sum"][:, :width]).all())
+  result["bfloat16_same_tokens_fraction"] = round(float(
+      (tokens["theirs"][:, :width] == tokens["flax_sum_bfloat16"][:, :width]).mean()), 3)
   return result
 
 

@@ -50,6 +50,7 @@ _GROUP_TITLES = {
     "generate": "generation",
     "log": "logging, evaluation and saving",
     "later": "precision and the Hub",
+    "distributed": "multi-host",
 }
 
 # Every Hugging Face flag name (without `--`) -> its config key.
