@@ -30,10 +30,12 @@ def get_config():
   config.do_eval = True
   config.do_predict = True
   config.predict_with_generate = True
-  # Greedy decoding of a briefly trained model repeats itself; ban repeated trigrams and ask for
-  # summary-sized outputs (DialogSum's summaries are 38 tokens at the median).
+  # Decoding of a briefly trained model repeats itself: ban repeated trigrams and ask for
+  # summary-sized outputs (DialogSum's summaries are 38 tokens at the median). Beam search
+  # scores alike on models from differently rounded runs; greedy swung from 19 to 14 ROUGE-1.
+  config.num_beams = 4
   config.no_repeat_ngram_size = 3
-  config.min_length = 20
+  config.min_length = 25
 
   # A from-scratch model on a CPU budget: few, large-learning-rate steps (tuning notes: README).
   config.per_device_train_batch_size = 16

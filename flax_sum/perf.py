@@ -50,7 +50,7 @@ def train_flops_per_example(config: T5Config, source_length: int, target_length:
 
 
 @functools.lru_cache(maxsize=None)
-def measured_matmul_flops(size: int = 2048, repeats: int = 3) -> float:
+def measured_matmul_flops(size: int = 1024, repeats: int = 3) -> float:
   """The best float32 FLOP/s of a jitted square matmul on the default device."""
   a = jnp.ones((size, size), jnp.float32)
   matmul = jax.jit(lambda x: x @ x)
