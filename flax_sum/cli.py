@@ -22,7 +22,8 @@ import math
 import pathlib
 import sys
 import textwrap
-from typing import Any
+import traceback
+from typing import Any, Sequence
 
 import ml_collections
 from ml_collections import config_dict
@@ -263,6 +264,25 @@ def _apply(config: ml_collections.ConfigDict, override: _Override) -> None:
     config[override.key] = value
   except (TypeError, ValueError) as exc:
     raise UserError(f"{override.flag}: cannot set {override.value!r}: {_one_line(exc)}") from exc
+
+
+def asks_for_debug(argv: Sequence[str]) -> bool:
+  """Whether a command line turns --debug on (read before, and whatever, parsing fails)."""
+  for arg in argv:
+    name, _, value = arg.partition("=")
+    if name in ("--debug", "--config.debug"):
+      try:
+        return parse_bool(value) if value else True
+      except ValueError:
+        return False
+  return False
+
+
+def print_error(label: str, error: BaseException, argv: Sequence[str]) -> None:
+  """`label: message` on stderr, after the traceback when the command line asks for --debug."""
+  if asks_for_debug(argv):
+    traceback.print_exception(error)
+  print(f"{label}: {error}", file=sys.stderr)
 
 
 def parse_bool(text: str) -> bool:

@@ -85,6 +85,8 @@ FIELDS: tuple[Field, ...] = (
     Field("predict_with_generate", False, bool, "Generate summaries in eval/predict and score "
           "ROUGE.", "run"),
     Field("seed", 42, int, "Seed for init, data order and dropout.", "run"),
+    Field("debug", False, bool, "Print the Python traceback of an error, not just its one-line "
+          "message.", "run"),
     # Optimisation.
     Field("per_device_train_batch_size", 8, int, "Training examples per device per step.",
           "train"),

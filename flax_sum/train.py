@@ -638,16 +638,17 @@ def main(argv: list[str] | None = None) -> int:
                       datefmt="%H:%M:%S", stream=sys.stdout, force=True)
   for noisy in ("absl", "jax", "orbax", "datasets", "transformers", "urllib3", "httpx"):
     logging.getLogger(noisy).setLevel(logging.WARNING)
+  argv = sys.argv[1:] if argv is None else argv
   try:
-    config = cli.parse_args(sys.argv[1:] if argv is None else argv)
+    config = cli.parse_args(argv)
     if distributed.initialize(config) and not distributed.is_main_process():
       logging.getLogger().setLevel(logging.WARNING)
     train_and_evaluate(config)
   except UserError as error:
-    print(f"error: {error}", file=sys.stderr)
+    cli.print_error("error", error, argv)
     return 2
   except RunStopped as stopped:
-    print(f"stopped: {stopped}", file=sys.stderr)
+    cli.print_error("stopped", stopped, argv)
     return stopped.exit_code
   return 0
 

@@ -300,3 +300,19 @@ def test_config_to_dict_is_json_serialisable():
   assert set(plain) == set(config_lib.FIELDS_BY_KEY)
   assert plain["model_name_or_path"] == "google-t5/t5-small"
   assert plain["val_max_target_length"] is None
+
+
+@pytest.mark.parametrize("debug_flag,shows_traceback", [
+    ([], False), (["--debug"], True), (["--debug=false"], False), (["--config.debug=true"], True)])
+def test_errors_are_one_line_unless_debug_asks_for_the_traceback(debug_flag, shows_traceback,
+                                                                 tmp_path, capsys):
+  from flax_sum import train
+  output_dir = tmp_path / "out"
+  code = train.main(["--do_train", "--learnig_rate", "1e-4", "--output_dir", str(output_dir),
+                     *debug_flag])
+  err = capsys.readouterr().err
+  assert code == 2 and not output_dir.exists()
+  assert err.splitlines()[-1] == "error: unknown flag --learnig_rate: did you mean --learning_rate?"
+  assert ("Traceback (most recent call last)" in err) is shows_traceback
+  assert (len(err.splitlines()) == 1) is not shows_traceback
+  assert cli.asks_for_debug(debug_flag) is shows_traceback
