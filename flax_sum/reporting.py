@@ -21,6 +21,7 @@ import platform
 import sys
 from typing import Any, Iterable, Iterator
 
+import datasets
 import jax
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
@@ -59,6 +60,12 @@ def bars_enabled() -> bool:
   """Progress bars only on process 0 and only when stdout (the log) and stderr (the bars) are
   both terminals: redirected to a file, a run keeps its plain log lines."""
   return is_main_process() and _is_terminal(sys.stdout) and _is_terminal(sys.stderr)
+
+
+def quiet_datasets_bars() -> None:
+  """Turns off the `datasets` library's own bars (tokenization) where ours are off."""
+  if not bars_enabled():
+    datasets.disable_progress_bars()
 
 
 def progress_bar(iterable: Iterable | None = None, **kwargs) -> tqdm:

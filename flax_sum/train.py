@@ -557,6 +557,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None = 
   use_trained_model_in_output_dir(config, output_dir)
   tokenizer = input_pipeline.load_tokenizer(config)
   raw_datasets = input_pipeline.load_raw_datasets(config)
+  reporting.quiet_datasets_bars()
   tokenized = input_pipeline.tokenize_datasets(raw_datasets, tokenizer, config)
   # Padded once; every epoch and every evaluation slices these arrays.
   datasets = {split: input_pipeline.to_arrays(

@@ -204,3 +204,19 @@ def test_on_a_terminal_the_training_bar_shows_steps_loss_and_tokens_per_second(t
   shown = stderr.getvalue()
   assert "train" in shown and "4/4" in shown
   assert "loss 3.25, 3,304 tokens/s" in shown
+
+
+def test_the_tokenization_bars_of_datasets_follow_ours(monkeypatch):
+  import datasets
+  was_enabled = datasets.is_progress_bar_enabled()
+  try:
+    datasets.enable_progress_bars()
+    monkeypatch.setattr("sys.stdout", FakeTerminal())
+    monkeypatch.setattr("sys.stderr", FakeTerminal())
+    reporting.quiet_datasets_bars()
+    assert datasets.is_progress_bar_enabled()
+    monkeypatch.setattr("sys.stdout", io.StringIO())
+    reporting.quiet_datasets_bars()
+    assert not datasets.is_progress_bar_enabled()
+  finally:
+    (datasets.enable_progress_bars if was_enabled else datasets.disable_progress_bars)()
