@@ -180,6 +180,9 @@ def _load_local_file(data_file: str, split: str, cache_dir: str | None) -> datas
                     f"{', '.join(BUILDER_FOR_EXTENSION)}")
   if _is_blank(path):
     raise UserError(f"{flag} {data_file}: the file is empty")
+  not_utf8 = _find_non_utf8_line(path)
+  if not_utf8 is not None:
+    raise UserError(f"{flag} {data_file}: {not_utf8}; save the file as UTF-8 text")
   try:
     dataset = datasets.load_dataset(builder, data_files={split: str(path)}, split=split,
                                     cache_dir=cache_dir)
@@ -191,6 +194,19 @@ def _load_local_file(data_file: str, split: str, cache_dir: str | None) -> datas
   if len(dataset) == 0:
     raise UserError(f"{flag} {data_file}: the file has no rows")
   return dataset
+
+
+def _find_non_utf8_line(path: pathlib.Path) -> str | None:
+  """'line N is not UTF-8 (...)' for the first line that does not decode; None if all do.
+  Checked up front: the JSON reader lets invalid bytes through into the text columns."""
+  with path.open("rb") as f:
+    for line_number, line in enumerate(f, start=1):
+      try:
+        line.decode("utf-8")
+      except UnicodeDecodeError as error:
+        return (f"line {line_number} is not UTF-8 (byte 0x{line[error.start]:02x} at byte "
+                f"{error.start + 1} of the line)")
+  return None
 
 
 def _is_blank(path: pathlib.Path, probe_bytes: int = 1 << 16) -> bool:

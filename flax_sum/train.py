@@ -651,6 +651,15 @@ def main(argv: list[str] | None = None) -> int:
   except RunStopped as stopped:
     cli.print_error("stopped", stopped, argv)
     return stopped.exit_code
+  except jax.errors.JaxRuntimeError as error:
+    if "RESOURCE_EXHAUSTED" not in str(error) and "out of memory" not in str(error).lower():
+      raise
+    cli.print_error("error", UserError(
+        f"the devices ran out of memory ({str(error).strip().splitlines()[0][:160]}): lower "
+        "--per_device_train_batch_size or --per_device_eval_batch_size (raise "
+        "--gradient_accumulation_steps to keep the global batch), shorten --max_source_length, "
+        "or use --bf16; the checkpoints saved so far are kept"), argv)
+    return 2
   return 0
 
 

@@ -213,6 +213,24 @@ def test_local_files_win_over_the_hub_dataset(tmp_path):
     input_pipeline.load_raw_datasets(config)
 
 
+@pytest.mark.parametrize("name, line", [("latin1.jsonl", 2), ("latin1.csv", 3),
+                                        ("latin1.json", 2)])
+def test_non_utf8_bytes_are_a_user_error_naming_the_line(tmp_path, name, line):
+  path = tmp_path / name
+  good, bad = "caf\u00e9".encode("utf-8"), "caf\u00e9".encode("latin-1")
+  if name.endswith(".csv"):
+    path.write_bytes(b"text,summary\n" + good + b",ok\n" + b"x," + bad + b"\n")
+  elif name.endswith(".jsonl"):
+    path.write_bytes(b'{"text": "' + good + b'", "summary": "s"}\n{"text": "' + bad
+                     + b'", "summary": "s"}\n')
+  else:
+    path.write_bytes(b'[{"text": "a", "summary": "s"},\n {"text": "' + bad
+                     + b'", "summary": "s"}]')
+  with pytest.raises(UserError, match=rf"^--train_file .*{name}: line {line} is not UTF-8 \(byte "
+                     r"0xe9 at byte \d+ of the line\); save the file as UTF-8 text$"):
+    input_pipeline.load_raw_datasets(make_config(tmp_path, do_train=True, train_file=str(path)))
+
+
 @pytest.mark.parametrize("name, content, message", [
     ("missing.jsonl", None, r"--train_file .*missing.jsonl: no such file$"),
     ("data.txt", "a,b\n", r"--train_file .*data.txt: unsupported extension '.txt'; use one of "

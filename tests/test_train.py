@@ -506,3 +506,25 @@ def test_a_single_device_run_resumes_exactly(tiny_run, tmp_path):
   assert final_weights(resumed_dir) == final_weights(uninterrupted_dir)
   assert (read_json(resumed_dir / "train_results.json")["train_loss"]
           == read_json(uninterrupted_dir / "train_results.json")["train_loss"])
+
+
+def test_running_out_of_device_memory_is_one_line_and_keeps_the_checkpoints(
+    tiny_run, tmp_path, capsys, monkeypatch):
+  output_dir = tmp_path / "out"
+  shutil.copytree(tiny_run["output_dir"] / "checkpoints" / "3", output_dir / "checkpoints" / "3")
+
+  def out_of_memory(*args, **kwargs):
+    raise jax.errors.JaxRuntimeError(
+        "RESOURCE_EXHAUSTED: Out of memory while trying to allocate 8589934592 bytes.")
+
+  monkeypatch.setattr(steps, "pmap_train_step", lambda *args, **kwargs: out_of_memory)
+  code = train.main([*tiny_run["train_flags"], "--do_train", "--output_dir", str(output_dir)])
+  err = capsys.readouterr().err.strip()
+  assert code == 2
+  assert err == (
+      "error: the devices ran out of memory (RESOURCE_EXHAUSTED: Out of memory while trying to "
+      "allocate 8589934592 bytes.): lower --per_device_train_batch_size or "
+      "--per_device_eval_batch_size (raise --gradient_accumulation_steps to keep the global "
+      "batch), shorten --max_source_length, or use --bf16; the checkpoints saved so far are kept")
+  assert sorted(p.name for p in (output_dir / "checkpoints").iterdir()) == ["3"]
+  assert not (output_dir / "model.safetensors").exists()
