@@ -10,6 +10,7 @@ import dataclasses
 import json
 import logging
 import math
+import os
 import pathlib
 import signal
 import sys
@@ -128,7 +129,14 @@ def prepare_output_dir(config) -> pathlib.Path:
       and not checkpoints.saved_steps(output_dir)):
     raise UserError(f"--output_dir {output_dir} is not empty and holds no checkpoint to resume: "
                     "pass --overwrite_output_dir to write over it or choose another --output_dir")
-  output_dir.mkdir(parents=True, exist_ok=True)
+  try:
+    output_dir.mkdir(parents=True, exist_ok=True)
+  except OSError as error:
+    raise UserError(f"--output_dir {output_dir} cannot be created ({error.strerror or error}): "
+                    "choose a directory you can write to") from error
+  if not os.access(output_dir, os.W_OK | os.X_OK):
+    raise UserError(f"--output_dir {output_dir} is not writable: choose a directory you can "
+                    "write to")
   return output_dir
 
 

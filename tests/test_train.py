@@ -528,3 +528,14 @@ def test_running_out_of_device_memory_is_one_line_and_keeps_the_checkpoints(
       "batch), shorten --max_source_length, or use --bf16; the checkpoints saved so far are kept")
   assert sorted(p.name for p in (output_dir / "checkpoints").iterdir()) == ["3"]
   assert not (output_dir / "model.safetensors").exists()
+
+
+def test_an_output_dir_that_cannot_be_created_is_one_line(tmp_path, capsys):
+  blocker = tmp_path / "a_file"
+  blocker.write_text("not a directory")
+  code = train.main(["--do_train", "--output_dir", str(blocker / "out"), "--max_steps", "1"])
+  assert code == 2
+  assert capsys.readouterr().err.strip() == (
+      f"error: --output_dir {blocker / 'out'} cannot be created (Not a directory): choose a "
+      "directory you can write to")
+  assert blocker.read_text() == "not a directory"
