@@ -329,27 +329,42 @@ def test_a_non_finite_loss_stops_the_run_and_keeps_the_good_checkpoints(tiny_run
   assert not (output_dir / "model.safetensors").exists()
 
 
-def test_kill_9_mid_run_then_rerun_ends_with_identical_weights(tiny_run, tmp_path):
-  flags = [*tiny_run["train_flags"], "--do_train", "--max_steps", "150", "--save_steps", "10",
+def test_chaos_kill_9_and_sigterm_at_random_steps_then_rerun_ends_with_identical_weights(
+    tiny_run, tmp_path):
+  flags = [*tiny_run["train_flags"], "--do_train", "--max_steps", "80", "--save_steps", "6",
            "--logging_steps", "1"]
   reference_dir = tmp_path / "uninterrupted"
   assert train.main([*flags, "--output_dir", str(reference_dir)]) == 0
 
   killed_dir = tmp_path / "killed"
-  for kill_after_step in (35, 95):
+  log_path = killed_dir / "train_log.jsonl"
+  # The reruns share their compiled steps.
+  env = {**os.environ, "JAX_COMPILATION_CACHE_DIR": str(tmp_path / "jax-cache"),
+         "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+  rng = np.random.default_rng(20261124)
+  # Ten interruptions at random steps, each past where the previous one left off.
+  kill_steps = sorted(int(step) for step in rng.choice(np.arange(4, 78), 10, replace=False))
+  signals = rng.choice([signal.SIGKILL, signal.SIGTERM], 10)
+  for kill_after_step, kill_signal in zip(kill_steps, signals):
     process = subprocess.Popen([sys.executable, "-m", "flax_sum.train", *flags,
-                                "--output_dir", str(killed_dir)], cwd=REPO_ROOT,
+                                "--output_dir", str(killed_dir)], cwd=REPO_ROOT, env=env,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    log_path = killed_dir / "train_log.jsonl"
     last_step = 0
     while process.poll() is None and last_step < kill_after_step:
       if log_path.exists():
         lines = log_path.read_text().splitlines()
         last_step = json.loads(lines[-1])["step"] if lines and lines[-1].endswith("}") else 0
-    process.kill()  # SIGKILL: no handler runs, a checkpoint write may be cut short.
-    process.wait(timeout=60)
-    assert process.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    # SIGKILL: no handler runs and a checkpoint write may be cut short; SIGTERM: the run
+    # saves after its current step and exits with 128 + 15.
+    process.send_signal(kill_signal)
+    process.wait(timeout=120)
+    expected_code = -signal.SIGKILL if kill_signal == signal.SIGKILL else 128 + signal.SIGTERM
+    assert process.returncode == expected_code, (kill_after_step, kill_signal)
     assert not (killed_dir / "model.safetensors").exists()
+    # Every checkpoint a rerun could pick is complete (partial writes never get a step name).
+    for step_dir in (killed_dir / "checkpoints").iterdir():
+      if step_dir.name.isdigit():
+        checkpoints.load_params(step_dir)
 
   assert train.main([*flags, "--output_dir", str(killed_dir)]) == 0
   assert final_weights(killed_dir) == final_weights(reference_dir)
