@@ -68,12 +68,10 @@ def _real_text(split: str, count: int, source_length: int,
   tokenizer = input_pipeline.load_tokenizer(config_lib.base_config())  # The bundled T5 one.
   with open(config_lib.BUNDLED_DIALOGSUM_DIR / f"{split}.jsonl", encoding="utf-8") as f:
     rows = [json.loads(line) for _, line in zip(range(count), f)]
-  sources = tokenizer(["summarize: " + row["dialogue"] for row in rows],
-                      max_length=source_length, truncation=True)["input_ids"]
-  targets = tokenizer(text_target=[row["summary"] for row in rows], max_length=target_length,
-                      truncation=True)["input_ids"]
-  tokenized = datasets.Dataset.from_dict(
-      {"input_ids": sources, "labels": targets, "example_index": list(range(len(rows)))},
+  tokenized = datasets.Dataset.from_dict(input_pipeline.tokenize_batch(
+      [row["dialogue"] for row in rows], [row["summary"] for row in rows],
+      list(range(len(rows))), tokenizer=tokenizer, source_prefix="summarize: ",
+      max_source_length=source_length, max_target_length=target_length),
       features=input_pipeline.TOKENIZED_FEATURES)
   return input_pipeline.to_arrays(tokenized, max_source_length=source_length,
                                   max_target_length=target_length)
@@ -195,9 +193,7 @@ def bench_train(model_config: T5Config, params: Any, args: argparse.Namespace) -
   theirs_s = _timed(lambda: run_torch(torch_batches))
   result["transformers_samples_per_second"] = round(num_steps * batch_size / theirs_s, 3)
   result["speedup"] = round(theirs_s / ours_s, 2)
-  result["transformers_mean_padded_lengths"] = [
-      round(float(np.mean([b[key].shape[1] for b in torch_batches])), 1)
-      for key in ("input_ids", "labels")]
+  result["transformers_mean_padded_lengths"] = _mean_widths(torch_batches)
   result["torch_threads"] = torch.get_num_threads()
   return result
 

@@ -357,7 +357,7 @@ def references(dataset: datasets.Dataset, config: ConfigDict, split: str = "") -
 # Tokenization.
 
 
-def _tokenize_batch(texts: list[str], summaries: list[str], indices: list[int], *,
+def tokenize_batch(texts: list[str], summaries: list[str], indices: list[int], *,
                     tokenizer: transformers.PreTrainedTokenizerBase, source_prefix: str,
                     max_source_length: int, max_target_length: int) -> dict[str, list[Any]]:
   inputs = tokenizer([source_prefix + text for text in texts], max_length=max_source_length,
@@ -379,7 +379,7 @@ def tokenize_datasets(raw_datasets: Mapping[str, datasets.Dataset],
   for split, dataset in raw_datasets.items():
     text_column, summary_column = resolve_columns(dataset, config, split)
     tokenized[split] = dataset.map(
-        _tokenize_batch,
+        tokenize_batch,
         input_columns=[text_column, summary_column],
         with_indices=True,
         batched=True,
@@ -641,13 +641,18 @@ def eval_batches(data: BatchSource, *, per_device_batch_size: int,
   return batches()
 
 
+@dataclasses.dataclass(frozen=True)
+class _End:
+  """What `in_background`'s thread queues after the last item: the error it raised, if any."""
+  error: BaseException | None
+
+
 def in_background(items: Iterator[Any], size: int = 2) -> Iterator[Any]:
   """`items` produced up to `size` ahead on a daemon thread (numpy releases the GIL while it
   gathers and pads), so the step loop does not wait for its next batch. An exception raised
   by `items` is raised here; closing the returned generator stops the thread."""
   ready: queue.Queue = queue.Queue(maxsize=size)
   stopped = threading.Event()
-  end = object()
 
   def put(item) -> bool:
     while not stopped.is_set():
@@ -664,17 +669,17 @@ def in_background(items: Iterator[Any], size: int = 2) -> Iterator[Any]:
         if not put(item):
           return
     except BaseException as error:  # Handed to the consumer, which raises it.
-      put((end, error))
+      put(_End(error))
       return
-    put((end, None))
+    put(_End(None))
 
   threading.Thread(target=produce, daemon=True, name="batches").start()
   try:
     while True:
       item = ready.get()
-      if isinstance(item, tuple) and len(item) == 2 and item[0] is end:
-        if item[1] is not None:
-          raise item[1]
+      if isinstance(item, _End):
+        if item.error is not None:
+          raise item.error
         return
       yield item
   finally:

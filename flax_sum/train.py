@@ -519,6 +519,7 @@ def train(config, model, params, train_dataset, output_dir: pathlib.Path, evalua
   manager.close()
   train_log.close()
 
+  run_rates = throughput.summary()
   train_results = {
       "train_loss": metrics_lib.finalize(run_sums)["loss"],
       "train_runtime": round(train_runtime, 4),
@@ -527,8 +528,8 @@ def train(config, model, params, train_dataset, output_dir: pathlib.Path, evalua
       "train_steps_per_second": round(steps_run / train_runtime, 3),
       "epoch": round(total_steps / steps_per_epoch, 4),
       # Over the train steps alone (evaluation left out); padding tokens are not counted.
-      "train_tokens_per_second": throughput.summary()["tokens_per_second"],
-      "train_mfu": throughput.summary()["mfu"],
+      "train_tokens_per_second": run_rates["tokens_per_second"],
+      "train_mfu": run_rates["mfu"],
   }
   if tracks_best:
     train_results["best_model_checkpoint"] = str(best.step_dir) if best is not None else None

@@ -300,3 +300,9 @@ def test_tokenizer_is_saved_alongside(tmp_path):
                                                   "model.safetensors", "spiece.model"]
   metadata = safetensors.safe_open(str(tmp_path / "out" / "model.safetensors"), "np").metadata()
   assert metadata == {"format": "pt"}
+
+
+def test_tests_cannot_reach_beyond_this_machine():
+  import socket
+  with pytest.raises(OSError, match="tests use local files only"):
+    socket.create_connection(("8.8.8.8", 443), timeout=1)
