@@ -14,15 +14,18 @@ the best checkpoint as Hugging Face does, and leaves `stale-<step>` directories 
 
 from __future__ import annotations
 
+import contextlib
 import pathlib
 import shutil
-from typing import Any, Sequence
+import sys
+from typing import Any, Iterator, Sequence
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from flax_sum.errors import UserError
+from flax_sum import distributed
+from flax_sum.errors import UserError, disk_error, os_error_of
 from flax_sum.model import T5Config
 
 CHECKPOINT_SUBDIR = "checkpoints"
@@ -32,6 +35,8 @@ PROGRESS_ITEM = "progress"
 # A checkpoint being deleted is renamed first, so a deletion cut short never leaves a partial
 # directory that looks like a step.
 DELETING_PREFIX = "deleting-"
+# Orbax writes a step into `<step>.orbax-checkpoint-tmp` and renames it once complete.
+PARTIAL_SUFFIX = ".orbax-checkpoint-tmp"
 
 
 def checkpoint_dir(output_dir: str | pathlib.Path) -> pathlib.Path:
@@ -120,6 +125,69 @@ def save(manager: ocp.CheckpointManager, step: int, state: Any, model_config: T5
   if progress is not None:
     items[PROGRESS_ITEM] = ocp.args.JsonSave(progress)
   manager.save(step, args=ocp.args.Composite(**items))
+
+
+def quiet_closed_event_loop_reports() -> None:
+  """Drops what tensorstore writes still in flight print after an async save failed: each reports
+  to Orbax's closed event loop ("RuntimeError: Event loop is closed", a traceback apiece) through
+  sys.unraisablehook, which the save's own error already covers. Other reports pass."""
+  previous = sys.unraisablehook
+  if getattr(previous, "drops_closed_event_loop", False):
+    return
+
+  def hook(unraisable):
+    if not (isinstance(unraisable.exc_value, RuntimeError)
+            and str(unraisable.exc_value) == "Event loop is closed"):
+      previous(unraisable)
+
+  hook.drops_closed_event_loop = True
+  sys.unraisablehook = hook
+
+
+def remove_partial_save(output_dir: str | pathlib.Path, step: int) -> None:
+  """Deletes what a failed save of `step` left in Orbax's temporary directory (never a step
+  directory), to give the space back."""
+  for partial in checkpoint_dir(output_dir).glob(f"{step}{PARTIAL_SUFFIX}*"):
+    shutil.rmtree(partial, ignore_errors=True)
+
+
+def checkpoint_save_error(error: BaseException, step: int, output_dir: pathlib.Path,
+                          config) -> UserError | None:
+  """The one-line error for a checkpoint save the disk refused (None for any other failure).
+  Orbax renames a step directory only once it is complete, so the earlier checkpoints are whole;
+  the failed save's temporary directory is removed to give its space back."""
+  os_error = os_error_of(error)
+  if os_error is None:
+    return None
+  if distributed.is_main_process():
+    remove_partial_save(output_dir, step)
+  directory = checkpoint_dir(output_dir)
+  earlier = [saved for saved in saved_steps(output_dir) if saved < step]
+  if earlier and config.resume_from_checkpoint:
+    then = f"resume with --resume_from_checkpoint {directory / str(earlier[-1])}"
+  elif earlier:
+    then = f"run the same command again to resume from step {earlier[-1]}"
+  elif config.resume_from_checkpoint:
+    then = "run the same command again to resume from --resume_from_checkpoint"
+  else:
+    then = ("run the same command again with --overwrite_output_dir (no checkpoint was complete "
+            "yet)")
+  return disk_error(os_error, f"saving checkpoint {step}", directory, then,
+                    fewer_checkpoints=config.save_total_limit != 1)
+
+
+@contextlib.contextmanager
+def explaining_save_errors(step: int | None, output_dir: pathlib.Path, config) -> Iterator[None]:
+  """Around starting or waiting for the save of `step`: a failure the disk caused becomes
+  checkpoint_save_error's one line; any other failure, or any with no save in flight (`step`
+  None), passes unchanged."""
+  try:
+    yield
+  except Exception as error:
+    failure = None if step is None else checkpoint_save_error(error, step, output_dir, config)
+    if failure is None:
+      raise
+    raise failure from error
 
 
 def restore_training(step_dir: pathlib.Path, abstract_state: Any) -> tuple[Any, dict[str, Any]]:

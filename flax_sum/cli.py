@@ -18,6 +18,7 @@ import dataclasses
 import difflib
 import importlib.util
 import json
+import logging
 import math
 import pathlib
 import sys
@@ -283,6 +284,31 @@ def print_error(label: str, error: BaseException, argv: Sequence[str]) -> None:
   if asks_for_debug(argv):
     traceback.print_exception(error)
   print(f"{label}: {error}", file=sys.stderr)
+
+
+class WithoutTracebacks(logging.Filter):
+  """Keeps the line of a library's error log record but drops its traceback: a run that fails
+  ends with one line of its own (--debug keeps them)."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    record.exc_info = record.exc_text = record.stack_info = None
+    return True
+
+
+WITHOUT_TRACEBACKS = WithoutTracebacks()
+
+
+def quiet_library_tracebacks(debug: bool) -> None:
+  """Unless --debug: no traceback of a library's log record reaches the terminal."""
+  # Orbax logs a failed background save with its traceback, through absl's logger; a filter
+  # there also covers the progress bar's handler, which replaces the root's on a terminal.
+  absl_logger = logging.getLogger("absl")
+  if debug:
+    absl_logger.removeFilter(WITHOUT_TRACEBACKS)
+    return
+  absl_logger.addFilter(WITHOUT_TRACEBACKS)
+  for handler in logging.getLogger().handlers:
+    handler.addFilter(WITHOUT_TRACEBACKS)
 
 
 def parse_bool(text: str) -> bool:

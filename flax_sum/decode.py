@@ -212,7 +212,13 @@ def greedy_search(tokens_to_logits: TokensToLogits, cache: Cache, batch_size: in
 
 def gather_cache(cache: Cache, indices: Array) -> Cache:
   """Every cache leaf's rows gathered by `indices`, except scalars (the cache index)."""
-  return jax.tree.map(lambda x: x if x.ndim == 0 else jnp.take(x, indices, axis=0), cache)
+  return jax.tree.map(lambda x: x if x.ndim == 0 else _take_rows(x, indices), cache)
+
+
+def _take_rows(x: Array, indices: Array) -> Array:
+  # The indices are beam rows, always in bounds: clipping them costs nothing, where jnp.take's
+  # default fill mode adds a select over the whole cache to every decoding step.
+  return jnp.take(x, indices, axis=0, mode="clip")
 
 
 def beam_search(tokens_to_logits: TokensToLogits, cache: Cache, batch_size: int,
@@ -299,7 +305,7 @@ def _skip_encoder_cache(cache: Cache, indices: Array) -> Cache:
   def gather(path, x):
     if x.ndim == 0 or any(getattr(p, "key", None) == "EncDecAttention" for p in path):
       return x
-    return jnp.take(x, indices, axis=0)
+    return _take_rows(x, indices)
   return jax.tree_util.tree_map_with_path(gather, cache)
 
 
@@ -317,10 +323,12 @@ def generate(model: model_lib.T5, params: Any, input_ids: Array, attention_mask:
   cache = model_lib.init_decode_cache(model, params, encoded, attention_mask,
                                       settings.max_new_tokens, rows_per_input=settings.num_beams)
 
+  output_kernel = model_lib.output_projection(model.config, params)
+
   def tokens_to_logits(tokens: Array, cache: Cache) -> tuple[Array, Cache]:
     logits, updated = model.apply({"params": params, "cache": cache}, encoded, attention_mask,
                                   tokens, decode=True, mutable=["cache"],
-                                  method=model_lib.T5.decode)
+                                  output_kernel=output_kernel, method=model_lib.T5.decode)
     return logits[:, -1], updated["cache"]
 
   if settings.num_beams > 1:

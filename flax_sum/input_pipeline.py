@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -172,20 +173,28 @@ def load_raw_datasets(config: ConfigDict) -> dict[str, datasets.Dataset]:
 def _load_local_file(data_file: str, split: str, cache_dir: str | None) -> datasets.Dataset:
   flag = f"--{FILE_KEY_FOR_SPLIT[split]}"
   path = pathlib.Path(data_file).expanduser()
+  if path.is_dir():
+    raise UserError(f"{flag} {data_file} is a directory: pass a "
+                    f"{', '.join(BUILDER_FOR_EXTENSION)} file")
   if not path.is_file():
     raise UserError(f"{flag} {data_file}: no such file")
   builder = BUILDER_FOR_EXTENSION.get(path.suffix.lower())
   if builder is None:
     raise UserError(f"{flag} {data_file}: unsupported extension {path.suffix!r}; use one of "
                     f"{', '.join(BUILDER_FOR_EXTENSION)}")
-  if _is_blank(path):
-    raise UserError(f"{flag} {data_file}: the file is empty")
-  not_utf8 = _find_non_utf8_line(path)
+  try:
+    if _is_blank(path):
+      raise UserError(f"{flag} {data_file}: the file is empty")
+    not_utf8 = _find_non_utf8_line(path)
+  except OSError as error:
+    raise UserError(f"{flag} {data_file}: cannot read it ({error.strerror or error}): fix its "
+                    "permissions or pass another file") from error
   if not_utf8 is not None:
     raise UserError(f"{flag} {data_file}: {not_utf8}; save the file as UTF-8 text")
   try:
-    dataset = datasets.load_dataset(builder, data_files={split: str(path)}, split=split,
-                                    cache_dir=cache_dir)
+    with _datasets_errors_unlogged():
+      dataset = datasets.load_dataset(builder, data_files={split: str(path)}, split=split,
+                                      cache_dir=cache_dir)
   except Exception as error:  # pyarrow, pandas and datasets each raise their own types.
     if "corresponds to no data" in str(error):
       raise UserError(f"{flag} {data_file}: the file has no rows") from error
@@ -194,6 +203,19 @@ def _load_local_file(data_file: str, split: str, cache_dir: str | None) -> datas
   if len(dataset) == 0:
     raise UserError(f"{flag} {data_file}: the file has no rows")
   return dataset
+
+
+@contextlib.contextmanager
+def _datasets_errors_unlogged() -> Iterator[None]:
+  """Keeps `datasets` from logging a parse error (on a handler of its own, on stderr) that the
+  caller reports as its one-line error."""
+  logger = logging.getLogger("datasets")
+  level = logger.level
+  logger.setLevel(logging.CRITICAL)
+  try:
+    yield
+  finally:
+    logger.setLevel(level)
 
 
 def _find_non_utf8_line(path: pathlib.Path) -> str | None:
@@ -367,6 +389,25 @@ def tokenize_batch(texts: list[str], summaries: list[str], indices: list[int], *
           "example_index": indices}
 
 
+def long_sequence_note(config: ConfigDict, splits: Sequence[str],
+                       model_max_length: int) -> str | None:
+  """One line when the max lengths of `splits` exceed the length the tokenizer says its model
+  was pretrained on (512 for T5; tokenizers without one report a huge number); else None."""
+  lengths = {"--max_source_length": config.max_source_length}
+  for split in splits:
+    flag = "--max_target_length" if split == "train" else "--val_max_target_length"
+    lengths[flag] = target_length(config, split)
+  too_long = [f"{flag} {length}" for flag, length in lengths.items()
+              if length > model_max_length]
+  if not too_long:
+    return None
+  named = too_long[0] if len(too_long) == 1 else ", ".join(too_long[:-1]) + " and " + too_long[-1]
+  verb = "is" if len(too_long) == 1 else "are"
+  return (f"Note: {named} {verb} more than the {model_max_length} tokens the "
+          "model was pretrained on; T5's relative positions accept any length, but attention "
+          "memory grows with the square of the length")
+
+
 def tokenize_datasets(raw_datasets: Mapping[str, datasets.Dataset],
                       tokenizer: transformers.PreTrainedTokenizerBase,
                       config: ConfigDict) -> dict[str, datasets.Dataset]:
@@ -375,6 +416,9 @@ def tokenize_datasets(raw_datasets: Mapping[str, datasets.Dataset],
   Results are cached next to the raw data under the datasets fingerprint (data, tokenizer and
   settings), so a second run with the same inputs reads them back; overwrite_cache redoes them.
   """
+  note = long_sequence_note(config, list(raw_datasets), tokenizer.model_max_length)
+  if note is not None:
+    log.info(note)
   tokenized = {}
   for split, dataset in raw_datasets.items():
     text_column, summary_column = resolve_columns(dataset, config, split)

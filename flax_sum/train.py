@@ -6,7 +6,9 @@ with step-based logging, evaluation and checkpoints, then eval/predict and the r
 
 from __future__ import annotations
 
+import collections
 import dataclasses
+import errno
 import json
 import logging
 import math
@@ -21,6 +23,7 @@ from typing import Any, Iterator
 import jax
 import ml_collections
 import numpy as np
+from flax import jax_utils
 
 from flax_sum import checkpoints
 from flax_sum import cli
@@ -34,7 +37,7 @@ from flax_sum import optim
 from flax_sum import reporting
 from flax_sum import perf
 from flax_sum import steps
-from flax_sum.errors import RunStopped, UserError
+from flax_sum.errors import RunStopped, UserError, disk_error, os_error_of
 from flax_sum.model import T5, T5Config, init_params
 
 log = logging.getLogger(__name__)
@@ -192,6 +195,37 @@ def load_model(config, vocabulary_size: int):
     raise UserError(f"the tokenizer has {vocabulary_size} tokens but the model only "
                     f"{model_config.vocab_size}: pass a matching --tokenizer_name")
   return dataclasses.replace(model_config, dtype=config.dtype), params
+
+
+def save_model(output_dir: pathlib.Path, model_config: T5Config, params, tokenizer,
+               generation_settings: dict[str, Any]) -> None:
+  """The final model in Hugging Face format; a write the disk refuses is one line (each file is
+  written to a temporary name first, so none is left half-written)."""
+  try:
+    hf_checkpoint.save_pretrained(output_dir, dataclasses.replace(model_config, dtype="float32"),
+                                  params, tokenizer, generation_settings)
+  except Exception as error:  # safetensors reports a full disk as a SafetensorError.
+    os_error = os_error_of(error)
+    if os_error is None:
+      raise
+    last_step = (checkpoints.saved_steps(output_dir) or [None])[-1]
+    raise disk_error(os_error, "writing the trained model", output_dir,
+                     f"run the same command again to write it from the last checkpoint (step "
+                     f"{last_step})") from error
+
+
+def check_global_batch(config, num_examples: int) -> int:
+  """The global train batch; refused when the training data does not fill one."""
+  global_batch = (config.per_device_train_batch_size * config.gradient_accumulation_steps
+                  * jax.device_count())
+  if num_examples < global_batch:
+    raise UserError(
+        f"the training data has {num_examples} examples, fewer than one global batch of "
+        f"{global_batch} (--per_device_train_batch_size {config.per_device_train_batch_size} x "
+        f"{jax.device_count()} devices x --gradient_accumulation_steps "
+        f"{config.gradient_accumulation_steps}): lower --per_device_train_batch_size or "
+        "--gradient_accumulation_steps, or add training data")
+  return global_batch
 
 
 def repeat_epochs(dataset, config, start_step: int,
@@ -368,12 +402,8 @@ def train(config, model, params, train_dataset, output_dir: pathlib.Path, evalua
   best evaluated checkpoint's. Raises RunStopped after saving a checkpoint when SIGTERM or
   SIGINT arrives, and without saving when the loss stops being finite.
   """
-  global_batch = (config.per_device_train_batch_size * config.gradient_accumulation_steps
-                  * jax.device_count())
+  global_batch = check_global_batch(config, len(train_dataset))
   steps_per_epoch = input_pipeline.steps_per_epoch(len(train_dataset), global_batch)
-  if steps_per_epoch == 0:
-    raise UserError(f"the training data has {len(train_dataset)} examples, fewer than one "
-                    f"global batch of {global_batch}: lower --per_device_train_batch_size")
   total_steps = (config.max_steps if config.max_steps > 0
                  else math.ceil(config.num_train_epochs * steps_per_epoch))
   # What an exact resume needs to be the same: the data order, the schedule, the dropout keys.
@@ -422,8 +452,19 @@ def train(config, model, params, train_dataset, output_dir: pathlib.Path, evalua
   train_log = TrainLog(output_dir / "train_log.jsonl", append=bool(resume_candidates),
                        monitor=monitor)
 
-  batches = input_pipeline.in_background(
-      repeat_epochs(train_dataset, config, start_step, steps_per_epoch))
+  # Made on a background thread, then put on the devices two steps ahead, so a step never
+  # waits for its batch; the host copies stay for the throughput counts.
+  host_batches: collections.deque = collections.deque()
+
+  def kept_on_host(batches):
+    for batch in batches:
+      host_batches.append(batch)
+      yield batch
+
+  batches = jax_utils.prefetch_to_device(
+      kept_on_host(input_pipeline.in_background(
+          repeat_epochs(train_dataset, config, start_step, steps_per_epoch))),
+      size=2, axis_name=steps.AXIS)
   pending: list[tuple[int, dict[str, jax.Array]]] = []
   interval_sums = last_metrics = None
   peak_flops, peak_source = perf.peak_flops_per_device()
@@ -438,7 +479,7 @@ def train(config, model, params, train_dataset, output_dir: pathlib.Path, evalua
     for step, metrics in pending:
       metrics = first_replica(metrics)
       if not np.isfinite(metrics["loss"]):
-        manager.wait_until_finished()
+        wait_for_save()
         raise RunStopped(
             f"the training loss is not finite at step {step}; the checkpoints before it are "
             f"kept in {checkpoints.checkpoint_dir(output_dir)}: lower --learning_rate or use "
@@ -449,9 +490,18 @@ def train(config, model, params, train_dataset, output_dir: pathlib.Path, evalua
       last_metrics = metrics
     pending = []
 
+  saving_step: int | None = None  # The step of the save in flight, if any.
+
+  def wait_for_save():
+    """Ends the save in flight; one the disk refuses becomes a one-line error naming it."""
+    nonlocal saving_step
+    with checkpoints.explaining_save_errors(saving_step, output_dir, config):
+      manager.wait_until_finished()
+    saving_step = None
+
   def finish_saves():
     """Waits for the save in flight, then applies --save_total_limit to the complete ones."""
-    manager.wait_until_finished()
+    wait_for_save()
     if not distributed.is_main_process():
       return
     best_step = (int(best.step_dir.name) if best is not None
@@ -464,13 +514,15 @@ def train(config, model, params, train_dataset, output_dir: pathlib.Path, evalua
   def save(step, eval_metrics=None):
     """`eval_metrics` are recorded only for the regular saves, the best-model candidates: a
     checkpoint saved on a signal is not one in an uninterrupted run either."""
-    nonlocal best
+    nonlocal best, saving_step
     flush_pending()
     finish_saves()
     progress = {"step": step, "train_sums": run_sums, **layout}
     if eval_metrics is not None:
       progress["eval_metrics"] = eval_metrics
-    checkpoints.save(manager, step, first_replica(state), model.config, progress)
+    saving_step = step
+    with checkpoints.explaining_save_errors(step, output_dir, config):
+      checkpoints.save(manager, step, first_replica(state), model.config, progress)
     if tracks_best and eval_metrics is not None:
       best = better_checkpoint(best, checkpoints.checkpoint_dir(output_dir) / str(step),
                                eval_metrics, config.metric_for_best_model,
@@ -480,7 +532,7 @@ def train(config, model, params, train_dataset, output_dir: pathlib.Path, evalua
   with StopSignals() as stop_signals, monitor:
     for step in monitor.steps():
       batch = next(batches)
-      throughput.add(batch)
+      throughput.add(host_batches.popleft())
       state, step_metrics = p_train_step(state, batch, dropout_rng)
       pending.append((step, step_metrics))
       is_last = step == total_steps
@@ -565,14 +617,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None = 
 
   use_trained_model_in_output_dir(config, output_dir)
   tokenizer = input_pipeline.load_tokenizer(config)
-  raw_datasets = input_pipeline.load_raw_datasets(config)
+  # Before loading: its bars on stderr would precede a one-line error about the data.
   reporting.quiet_datasets_bars()
+  raw_datasets = input_pipeline.load_raw_datasets(config)
   tokenized = input_pipeline.tokenize_datasets(raw_datasets, tokenizer, config)
   # Padded once; every epoch and every evaluation slices these arrays.
   datasets = {split: input_pipeline.to_arrays(
       dataset, max_source_length=config.max_source_length,
       max_target_length=input_pipeline.target_length(config, split))
               for split, dataset in tokenized.items()}
+  if config.do_train:
+    # Before anything is written, so that the corrected command can simply be run again.
+    check_global_batch(config, len(datasets["train"]))
   resolve_precision(config)
   model_config, params = load_model(config, len(tokenizer))
   model = T5(model_config)
@@ -605,9 +661,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None = 
                                   evaluate_validation if config.do_eval else None,
                                   resume_candidates)
     if is_main:
-      hf_checkpoint.save_pretrained(output_dir,
-                                    dataclasses.replace(model_config, dtype="float32"), params,
-                                    tokenizer, generation_settings.to_hf_dict())
+      save_model(output_dir, model_config, params, tokenizer, generation_settings.to_hf_dict())
       write_json(output_dir / "train_results.json", train_results)
       log.info("Saved the model to %s", output_dir)
     all_results.update(train_results)
@@ -644,11 +698,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None = 
 
 
 def main(argv: list[str] | None = None) -> int:
+  argv = sys.argv[1:] if argv is None else argv
   logging.basicConfig(level=logging.INFO, format="[%(asctime)s] %(message)s",
                       datefmt="%H:%M:%S", stream=sys.stdout, force=True)
   for noisy in ("absl", "jax", "orbax", "datasets", "transformers", "urllib3", "httpx"):
     logging.getLogger(noisy).setLevel(logging.WARNING)
-  argv = sys.argv[1:] if argv is None else argv
+  debug = cli.asks_for_debug(argv)
+  cli.quiet_library_tracebacks(debug)
+  if not debug:
+    checkpoints.quiet_closed_event_loop_reports()
   try:
     config = cli.parse_args(argv)
     if distributed.initialize(config) and not distributed.is_main_process():
@@ -668,6 +726,15 @@ def main(argv: list[str] | None = None) -> int:
         "--per_device_train_batch_size or --per_device_eval_batch_size (raise "
         "--gradient_accumulation_steps to keep the global batch), shorten --max_source_length, "
         "or use --bf16; the checkpoints saved so far are kept"), argv)
+    return 2
+  except OSError as error:
+    # Checkpoints and the model are handled where they are written; this is any other file.
+    if error.errno not in (errno.ENOSPC, errno.EDQUOT):
+      raise
+    cli.print_error("error", UserError(
+        f"{os.strerror(error.errno).lower()} while writing "
+        f"{error.filename or 'the outputs'}: free disk space, then run the same command again; "
+        "the checkpoints saved so far are kept"), argv)
     return 2
   return 0
 

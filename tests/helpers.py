@@ -5,6 +5,15 @@ import safetensors.numpy
 
 from flax_sum.model import T5Config
 
+# A Hugging Face config.json of a T5 small enough for end-to-end runs in seconds.
+TINY_T5_CONFIG = {
+    "architectures": ["T5ForConditionalGeneration"], "model_type": "t5", "vocab_size": 32128,
+    "d_model": 16, "d_kv": 8, "d_ff": 32, "num_layers": 1, "num_decoder_layers": 1,
+    "num_heads": 2, "relative_attention_num_buckets": 8, "relative_attention_max_distance": 16,
+    "dropout_rate": 0.1, "feed_forward_proj": "relu", "pad_token_id": 0, "eos_token_id": 1,
+    "decoder_start_token_id": 0,
+}
+
 
 def tiny_t5_config(feed_forward_proj: str, tied: bool, *, vocab_size: int, d_model: int,
                    d_kv: int, d_ff: int) -> T5Config:

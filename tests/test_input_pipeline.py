@@ -291,6 +291,36 @@ def test_tokenization_prefix_truncation_and_lengths(tmp_path, tokenizer):
   assert train["example_index"] == [0, 1, 2]
 
 
+NOTE_END = ("tokens the model was pretrained on; T5's relative positions accept any length, but "
+            "attention memory grows with the square of the length")
+
+
+@pytest.mark.parametrize("model_max_length, lengths, note", [
+    (512, {"max_source_length": 512, "max_target_length": 128}, None),
+    (512, {"max_source_length": 1024, "max_target_length": 128},
+     f"Note: --max_source_length 1024 is more than the 512 {NOTE_END}"),
+    (512, {"max_source_length": 1024, "max_target_length": 600, "val_max_target_length": 700},
+     "Note: --max_source_length 1024, --max_target_length 600 and --val_max_target_length 700 "
+     f"are more than the 512 {NOTE_END}"),
+    # The bundled tokenizer names no length (transformers reports a huge number): no note.
+    (None, {"max_source_length": 4096, "max_target_length": 128}, None),
+])
+def test_lengths_beyond_the_pretrained_length_get_one_note(tmp_path, tokenizer, caplog,
+                                                           monkeypatch, model_max_length,
+                                                           lengths, note):
+  if model_max_length is not None:
+    monkeypatch.setattr(tokenizer, "model_max_length", model_max_length)
+  config = make_config(tmp_path, do_train=True, do_eval=True, text_column="body",
+                       summary_column="tldr", **lengths,
+                       train_file=write_jsonl(tmp_path / "train.jsonl", ROWS),
+                       validation_file=write_jsonl(tmp_path / "validation.jsonl", ROWS))
+  raw = input_pipeline.load_raw_datasets(config)
+  with caplog.at_level(logging.INFO, logger="flax_sum.input_pipeline"):
+    input_pipeline.tokenize_datasets(raw, tokenizer, config)
+  notes = [record.getMessage() for record in caplog.records if "pretrained" in record.getMessage()]
+  assert notes == ([note] if note else [])
+
+
 def _cache_files(dataset):
   return [entry["filename"] for entry in dataset.cache_files]
 

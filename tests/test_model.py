@@ -58,6 +58,40 @@ def test_config_hf_semantics():
     T5Config.from_hf_dict({"model_type": "bart"})
 
 
+@pytest.mark.parametrize("key, value, expected", [
+    ("d_model", "big", "a positive integer"),
+    ("num_layers", 0, "a positive integer"),
+    ("vocab_size", -3, "a positive integer"),
+    ("num_heads", True, "a positive integer"),  # JSON's true is not a count.
+    ("d_ff", 512.0, "a positive integer"),
+    ("num_decoder_layers", "6", "a positive integer"),
+    ("relative_attention_num_buckets", None, "a positive integer"),
+    ("dropout_rate", "x", "a number in [0, 1)"),
+    ("dropout_rate", 1.0, "a number in [0, 1)"),
+    ("dropout_rate", -0.1, "a number in [0, 1)"),
+    ("layer_norm_epsilon", 0, "a positive number"),
+    ("layer_norm_epsilon", False, "a positive number"),
+])
+def test_config_values_of_the_wrong_type_or_range_are_one_line(key, value, expected):
+  message = f"config.json: {key} must be {expected}, got {value!r}: fix the model's config.json"
+  with pytest.raises(UserError) as raised:
+    tiny_config(**{key: value})
+  assert str(raised.value) == message
+  # The same from a config.json, where a null means the default.
+  if value is not None:
+    with pytest.raises(UserError) as raised:
+      T5Config.from_hf_dict({key: value})
+    assert str(raised.value) == message
+
+
+def test_config_values_in_range_are_accepted():
+  config = T5Config.from_hf_dict({"dropout_rate": 0, "layer_norm_epsilon": 1e-6,
+                                  "num_layers": np.int64(2), "d_model": 8, "num_heads": 1})
+  assert (config.dropout_rate, config.num_decoder_layers) == (0, 2)
+  with pytest.raises(UserError, match="feed_forward_proj 5 is not supported"):
+    tiny_config(feed_forward_proj=5)
+
+
 def test_relative_position_bucket_values():
   relative = jnp.array([0, -1, 1, -7, 7, -8, -200, 200, -127, 127])
   bidirectional = relative_position_bucket(relative, True, 32, 128)

@@ -1,7 +1,9 @@
 """End to end through the real command line: train, eval-only, predict-only, result files."""
 
 import csv
+import errno
 import json
+import logging
 import os
 import pathlib
 import re
@@ -13,6 +15,8 @@ import sys
 import jax
 import numpy as np
 import pytest
+import safetensors
+import safetensors.numpy
 
 import helpers
 from flax_sum import checkpoints
@@ -22,13 +26,7 @@ from flax_sum import train
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 
-TINY_T5 = {
-    "architectures": ["T5ForConditionalGeneration"], "model_type": "t5", "vocab_size": 32128,
-    "d_model": 16, "d_kv": 8, "d_ff": 32, "num_layers": 1, "num_decoder_layers": 1,
-    "num_heads": 2, "relative_attention_num_buckets": 8, "relative_attention_max_distance": 16,
-    "dropout_rate": 0.1, "feed_forward_proj": "relu", "pad_token_id": 0, "eos_token_id": 1,
-    "decoder_start_token_id": 0,
-}
+TINY_T5 = helpers.TINY_T5_CONFIG
 
 TOPICS = ["the weather", "a train ticket", "dinner plans", "a job interview", "the new phone",
           "a birthday party", "the football match"]
@@ -543,6 +541,95 @@ def test_running_out_of_device_memory_is_one_line_and_keeps_the_checkpoints(
       "batch), shorten --max_source_length, or use --bf16; the checkpoints saved so far are kept")
   assert sorted(p.name for p in (output_dir / "checkpoints").iterdir()) == ["3"]
   assert not (output_dir / "model.safetensors").exists()
+
+
+NO_SPACE = OSError(errno.ENOSPC, "No space left on device")
+# How tensorstore reports a full disk when Orbax's background write of the arrays fails.
+TENSORSTORE_NO_SPACE = ValueError(
+    'RESOURCE_EXHAUSTED: Error writing "opt_state.0.mu" in OCDBT database: Failed to write 4096 '
+    "bytes to file 11: No space left on device [os_error_code='28']")
+
+
+def _fail_saving_step(patch, failing_step, fails_at):
+  """The save of `failing_step` leaves Orbax's temporary directory and fails for a full disk:
+  when it starts ("save") or, as Orbax's async writes do, when it is waited for ("wait")."""
+  real_save = checkpoints.save
+
+  def failing_save(manager, step, *args, **kwargs):
+    if step != failing_step:
+      return real_save(manager, step, *args, **kwargs)
+    partial = pathlib.Path(manager.directory) / f"{step}.orbax-checkpoint-tmp" / "state"
+    partial.mkdir(parents=True)
+    (partial / "chunk").write_bytes(b"partial")
+    if fails_at == "save":
+      raise NO_SPACE
+
+    def failing_wait():
+      try:
+        raise TENSORSTORE_NO_SPACE
+      except ValueError:  # Orbax logs the failure with its traceback, then raises it.
+        logging.getLogger("absl").exception("Save Finalize thread (save_finalize) failed.")
+        raise
+    patch.setattr(manager, "wait_until_finished", failing_wait)
+
+  patch.setattr(checkpoints, "save", failing_save)
+
+
+@pytest.mark.parametrize("fails_at", ["save", "wait"])
+def test_a_full_disk_while_saving_a_checkpoint_keeps_the_earlier_one_and_the_rerun_resumes(
+    tiny_run, tmp_path, capsys, monkeypatch, fails_at):
+  output_dir = tmp_path / "out"
+  command = [*tiny_run["train_flags"], "--do_train", "--output_dir", str(output_dir)]
+  with monkeypatch.context() as patch:
+    _fail_saving_step(patch, 6, fails_at)
+    assert train.main(command) == 2
+  captured = capsys.readouterr()
+  directory = checkpoints.checkpoint_dir(output_dir)
+  error = captured.err.strip()
+  assert "\n" not in error and "Traceback" not in captured.err + captured.out
+  assert re.fullmatch(
+      re.escape(f"error: no space left on device while saving checkpoint 6 to {directory} (")
+      + r"[0-9.]+ [MG]iB free" + re.escape(
+          "): free disk space or keep fewer checkpoints with --save_total_limit, then run the "
+          "same command again to resume from step 3"), error), error
+  # The partial save is gone; the earlier checkpoint is whole.
+  assert step_dir_names(output_dir) == ["3"]
+  assert checkpoints.saved_steps(output_dir) == [3]
+  checkpoints.load_params(directory / "3")
+  assert not (output_dir / "model.safetensors").exists()
+
+  assert train.main(command) == 0
+  assert "at step 3" in capsys.readouterr().out
+  assert final_weights(output_dir) == final_weights(tiny_run["output_dir"])
+
+
+def test_a_full_disk_while_writing_the_model_is_one_line_and_the_rerun_writes_it(
+    tiny_run, tmp_path, capsys, monkeypatch):
+  output_dir = tmp_path / "out"
+  shutil.copytree(tiny_run["output_dir"] / "checkpoints" / "3", output_dir / "checkpoints" / "3")
+  command = [*tiny_run["train_flags"], "--do_train", "--output_dir", str(output_dir)]
+
+  def no_space(tensors, path, metadata=None):
+    pathlib.Path(path).write_bytes(b"partial")
+    raise safetensors.SafetensorError(  # What safetensors raises for a full disk.
+        "Error while serializing: I/O error: No space left on device (os error 28)")
+
+  with monkeypatch.context() as patch:
+    patch.setattr(safetensors.numpy, "save_file", no_space)
+    assert train.main(command) == 2
+  captured = capsys.readouterr()
+  assert "Traceback" not in captured.err + captured.out
+  assert re.fullmatch(
+      re.escape(f"error: no space left on device while writing the trained model to {output_dir}")
+      + r" \([0-9.]+ [MG]iB free" + re.escape(
+          "): free disk space, then run the same command again to write it from the last "
+          "checkpoint (step 6)"), captured.err.strip()), captured.err
+  assert not [name for name in os.listdir(output_dir) if "safetensors" in name]
+
+  # The rerun resumes at the last step, trains nothing and writes the model.
+  assert train.main(command) == 0
+  assert "at step 6" in capsys.readouterr().out
+  assert final_weights(output_dir) == final_weights(tiny_run["output_dir"])
 
 
 def test_an_output_dir_that_cannot_be_created_is_one_line(tmp_path, capsys):
