@@ -177,14 +177,13 @@ def checkpoint_save_error(error: BaseException, step: int, output_dir: pathlib.P
 
 
 @contextlib.contextmanager
-def explaining_save_errors(step: int | None, output_dir: pathlib.Path, config) -> Iterator[None]:
+def explaining_save_errors(step: int, output_dir: pathlib.Path, config) -> Iterator[None]:
   """Around starting or waiting for the save of `step`: a failure the disk caused becomes
-  checkpoint_save_error's one line; any other failure, or any with no save in flight (`step`
-  None), passes unchanged."""
+  checkpoint_save_error's one line; any other failure passes unchanged."""
   try:
     yield
   except Exception as error:
-    failure = None if step is None else checkpoint_save_error(error, step, output_dir, config)
+    failure = checkpoint_save_error(error, step, output_dir, config)
     if failure is None:
       raise
     raise failure from error

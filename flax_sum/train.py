@@ -214,10 +214,14 @@ def save_model(output_dir: pathlib.Path, model_config: T5Config, params, tokeniz
                      f"{last_step})") from error
 
 
-def check_global_batch(config, num_examples: int) -> int:
-  """The global train batch; refused when the training data does not fill one."""
-  global_batch = (config.per_device_train_batch_size * config.gradient_accumulation_steps
-                  * jax.device_count())
+def global_batch_size(config) -> int:
+  return (config.per_device_train_batch_size * config.gradient_accumulation_steps
+          * jax.device_count())
+
+
+def check_global_batch(config, num_examples: int) -> None:
+  """Refuses training data that does not fill one global batch."""
+  global_batch = global_batch_size(config)
   if num_examples < global_batch:
     raise UserError(
         f"the training data has {num_examples} examples, fewer than one global batch of "
@@ -225,7 +229,6 @@ def check_global_batch(config, num_examples: int) -> int:
         f"{jax.device_count()} devices x --gradient_accumulation_steps "
         f"{config.gradient_accumulation_steps}): lower --per_device_train_batch_size or "
         "--gradient_accumulation_steps, or add training data")
-  return global_batch
 
 
 def repeat_epochs(dataset, config, start_step: int,
@@ -402,7 +405,7 @@ def train(config, model, params, train_dataset, output_dir: pathlib.Path, evalua
   best evaluated checkpoint's. Raises RunStopped after saving a checkpoint when SIGTERM or
   SIGINT arrives, and without saving when the loss stops being finite.
   """
-  global_batch = check_global_batch(config, len(train_dataset))
+  global_batch = global_batch_size(config)  # train_and_evaluate checked the data fills one.
   steps_per_epoch = input_pipeline.steps_per_epoch(len(train_dataset), global_batch)
   total_steps = (config.max_steps if config.max_steps > 0
                  else math.ceil(config.num_train_epochs * steps_per_epoch))
@@ -495,6 +498,8 @@ def train(config, model, params, train_dataset, output_dir: pathlib.Path, evalua
   def wait_for_save():
     """Ends the save in flight; one the disk refuses becomes a one-line error naming it."""
     nonlocal saving_step
+    if saving_step is None:
+      return
     with checkpoints.explaining_save_errors(saving_step, output_dir, config):
       manager.wait_until_finished()
     saving_step = None

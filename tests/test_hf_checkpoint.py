@@ -226,12 +226,15 @@ def test_directory_without_weights_or_config(tmp_path, monkeypatch):
 
 
 def test_uncached_hub_id_offline(tmp_path, monkeypatch):
+  """Offline and local only: the Hub is never asked (conftest also refuses any connection
+  beyond this machine), and the default cache is an empty folder of the test's own."""
   import huggingface_hub
   monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+  monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "default-cache"))
   with pytest.raises(UserError, match="'google/flan-t5-small' is not a local directory and is not "
                                       r"cached \(offline mode, HF_HUB_OFFLINE is set\)"):
     hf_checkpoint.load_pretrained("google/flan-t5-small", cache_dir=str(tmp_path))
-  # The default cache (HF_HOME), as huggingface_hub resolves it.
+  # The default cache, as huggingface_hub resolves it when no cache_dir is given.
   with pytest.raises(UserError) as error:
     hf_checkpoint.load_pretrained("someone/not-a-real-model")
   message = str(error.value)
