@@ -306,6 +306,9 @@ class T5Attention(nn.Module):
     project_value = self._dense(cfg.num_heads * cfg.d_kv, "v")
     query_offset = 0
 
+    # Decoding caches the encoder's keys as [rows, heads, d_kv, source length]: XLA's CPU matmul
+    # repacks a [length, d_kv] operand at every step, a third slower than a [d_kv, length] one.
+    key_transposed = False
     if kv_source is not None:
       if decode and self.has_variable("cache", "cached_key"):
         # The encoder's keys/values were stored when the cache was created.
@@ -315,8 +318,10 @@ class T5Attention(nn.Module):
         key = split_heads(project_key(kv_source))
         value = split_heads(project_value(kv_source))
         if decode:
+          key = jnp.swapaxes(key, 2, 3)
           self.variable("cache", "cached_key", lambda: key)
           self.variable("cache", "cached_value", lambda: value)
+      key_transposed = decode
     else:
       key = split_heads(project_key(x))
       value = split_heads(project_value(x))
@@ -339,8 +344,9 @@ class T5Attention(nn.Module):
           # Attend to the tokens decoded so far; the causal/padding mask passed in is ignored.
           mask = (jnp.arange(key.shape[2]) <= index)[None, None, None, :]
 
+    kv_length = value.shape[2]
     if position_bias is None and self.has_relative_attention_bias:
-      position_bias = self._relative_bias(length, key.shape[2], query_offset)
+      position_bias = self._relative_bias(length, kv_length, query_offset)
 
     # The queries of a group that shares a source row (the beams of one input; otherwise the
     # group is 1) become extra query rows of that source row: [source rows, heads, group *
@@ -351,9 +357,9 @@ class T5Attention(nn.Module):
     grouped = lambda t: jnp.swapaxes(
         t.reshape((rows, group) + t.shape[1:]), 1, 2).reshape(rows, cfg.num_heads, -1,
                                                               t.shape[-1])
-    scores = jnp.einsum("bhmd,bhkd->bhmk", grouped(query), key,
-                        preferred_element_type=jnp.float32)
-    scores = scores.reshape(rows, cfg.num_heads, group, length, key.shape[2])
+    scores = jnp.einsum("bhmd,bhdk->bhmk" if key_transposed else "bhmd,bhkd->bhmk",
+                        grouped(query), key, preferred_element_type=jnp.float32)
+    scores = scores.reshape(rows, cfg.num_heads, group, length, kv_length)
     if position_bias is not None:
       scores = scores + position_bias[:, :, None]
     if mask is not None:
@@ -361,7 +367,7 @@ class T5Attention(nn.Module):
     probs = jax.nn.softmax(scores, axis=-1)
     probs = Dropout(cfg.dropout_rate)(probs, deterministic=deterministic)
     out = jnp.einsum("bhmk,bhkd->bhmd",
-                     probs.astype(cfg.dtype).reshape(rows, cfg.num_heads, -1, key.shape[2]),
+                     probs.astype(cfg.dtype).reshape(rows, cfg.num_heads, -1, kv_length),
                      value.astype(cfg.dtype))
     # [rows, heads, group, query, d_kv] -> [rows * group, query, heads * d_kv]
     out = out.reshape(rows, cfg.num_heads, group, length, cfg.d_kv).transpose(0, 2, 3, 1, 4)
