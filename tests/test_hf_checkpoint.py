@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import os
+import socket
 
 import jax
 import numpy as np
@@ -231,6 +232,8 @@ def test_uncached_hub_id_offline(tmp_path, monkeypatch):
   import huggingface_hub
   monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
   monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "default-cache"))
+  connections = []
+  monkeypatch.setattr(socket.socket, "connect", lambda sock, address: connections.append(address))
   with pytest.raises(UserError, match="'google/flan-t5-small' is not a local directory and is not "
                                       r"cached \(offline mode, HF_HUB_OFFLINE is set\)"):
     hf_checkpoint.load_pretrained("google/flan-t5-small", cache_dir=str(tmp_path))
@@ -243,6 +246,7 @@ def test_uncached_hub_id_offline(tmp_path, monkeypatch):
                             "not cached")
   assert message.endswith("pass a local directory holding config.json and model.safetensors, "
                           "or download the model once while online")
+  assert connections == []  # Not even to this machine: no request was made at all.
 
 
 def test_missing_local_path_is_not_taken_for_a_hub_id(tmp_path, monkeypatch):
