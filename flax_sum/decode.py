@@ -299,13 +299,12 @@ def beam_search(tokens_to_logits: TokensToLogits, cache: Cache, batch_size: int,
   return state["finished"][:, 0, 1:]
 
 
-def _skip_encoder_cache(cache: Cache, indices: Array) -> Cache:
-  """`gather_cache` that leaves the cross-attention keys/values alone: they are stored once per
-  input, shared by its beams."""
+def reorder_beam_ancestry(cache: Cache, indices: Array) -> Cache:
+  """The model cache's reorder: only the self-attention ancestry tables move with their beams;
+  the keys/values stay where they were written (see model_lib.T5Attention), and the
+  cross-attention keys/values are stored once per input."""
   def gather(path, x):
-    if x.ndim == 0 or any(getattr(p, "key", None) == "EncDecAttention" for p in path):
-      return x
-    return _take_rows(x, indices)
+    return _take_rows(x, indices) if getattr(path[-1], "key", None) == "cache_ancestry" else x
   return jax.tree_util.tree_map_with_path(gather, cache)
 
 
@@ -333,7 +332,7 @@ def generate(model: model_lib.T5, params: Any, input_ids: Array, attention_mask:
 
   if settings.num_beams > 1:
     return beam_search(tokens_to_logits, cache, batch_size, settings,
-                       reorder_cache=_skip_encoder_cache)
+                       reorder_cache=reorder_beam_ancestry)
   return greedy_search(tokens_to_logits, cache, batch_size, settings)
 
 

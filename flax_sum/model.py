@@ -272,10 +272,11 @@ class T5Attention(nn.Module):
     return nn.Dense(features, use_bias=False, kernel_init=_normal_init(self.config, name),
                     dtype=self.config.dtype, name=name)
 
-  def _relative_bias(self, query_length: int, key_length: int, query_offset: Array | int) -> Array:
+  def _relative_bias(self, query_length: int, key_length: int, query_offset: Array | int,
+                     keys_per_position: int = 1) -> Array:
     cfg = self.config
     query_position = jnp.arange(query_length, dtype=jnp.int32)[:, None] + query_offset
-    key_position = jnp.arange(key_length, dtype=jnp.int32)[None, :]
+    key_position = jnp.arange(key_length, dtype=jnp.int32)[None, :] // keys_per_position
     buckets = relative_position_bucket(
         key_position - query_position, bidirectional=not self.causal,
         num_buckets=cfg.relative_attention_num_buckets,
@@ -285,15 +286,74 @@ class T5Attention(nn.Module):
                      name="relative_attention_bias")
     return jnp.transpose(table(buckets), (2, 0, 1))[None]  # [1, heads, query, key], float32
 
+  def _create_self_attention_cache(self, rows: int, max_length: int, rows_per_input: int,
+                                   dtype: Any) -> None:
+    cfg = self.config
+    inputs, group = rows // rows_per_input, rows_per_input
+    slots = max_length * group  # Slot t * group + j holds the key/value of step t of beam j.
+    self.variable("cache", "cached_key", jnp.zeros, (inputs, cfg.num_heads, cfg.d_kv, slots),
+                  dtype)
+    self.variable("cache", "cached_value", jnp.zeros, (inputs, cfg.num_heads, slots, cfg.d_kv),
+                  dtype)
+    self.variable("cache", "cache_index", lambda: jnp.array(0, jnp.int32))
+    if group > 1:
+      self.variable("cache", "cache_ancestry", jnp.zeros, (rows, max_length), jnp.int32)
+
+  def _cached_self_attention(self, key: Array, value: Array,
+                             rows_per_input: int) -> tuple[Array, Array, Array, Array]:
+    """Stores one decoding step's keys/values [rows, 1, heads * d_kv] in the cache and returns
+    what the rows attend to: keys [inputs, heads, d_kv, slots], values [inputs, heads, slots,
+    d_kv], the mask [inputs, 1, group, 1, slots] and this step's position.
+
+    The beams of an input never move their cached keys/values: at step t the beam in slot j
+    writes at slot t * group + j, and `cache_ancestry` [rows, max_length] records in which beam
+    slot each earlier token of its sequence lies. Beam search reorders only that small table
+    (`decode.reorder_beam_ancestry`), where moving the caches took an eighth of a t5-small
+    decoding step; each beam attends to every slot of its input with the others masked out.
+    """
+    cfg = self.config
+    rows = key.shape[0]
+    if key.shape[1] != 1:
+      raise ValueError(f"a cached decoding step takes one token per call, got {key.shape[1]}")
+    inputs, group = rows // rows_per_input, rows_per_input
+    cached_key = self.variable("cache", "cached_key")
+    cached_value = self.variable("cache", "cached_value")
+    cache_index = self.variable("cache", "cache_index")
+    index = cache_index.value
+    max_length = cached_value.value.shape[2] // group
+    by_slot = lambda t: t.reshape(inputs, group, cfg.num_heads, cfg.d_kv).astype(
+        cached_key.value.dtype)
+    cached_key.value = jax.lax.dynamic_update_slice(
+        cached_key.value, by_slot(key).transpose(0, 2, 3, 1), (0, 0, 0, index * group))
+    cached_value.value = jax.lax.dynamic_update_slice(
+        cached_value.value, by_slot(value).transpose(0, 2, 1, 3), (0, 0, index * group, 0))
+    cache_index.value = index + 1
+    is_filled = jnp.arange(max_length) <= index
+    if group > 1:
+      ancestry = self.variable("cache", "cache_ancestry")
+      ancestry.value = jax.lax.dynamic_update_slice(
+          ancestry.value, (jnp.arange(rows, dtype=jnp.int32) % group)[:, None], (0, index))
+      # [inputs, query slot, position, key slot]
+      visible = ((ancestry.value.reshape(inputs, group, max_length)[..., None]
+                  == jnp.arange(group)) & is_filled[:, None])
+    else:
+      visible = is_filled[None, None, :, None]
+    mask = visible.reshape(visible.shape[0], 1, group, 1, max_length * group)
+    keys, values = cached_key.value, cached_value.value
+    return keys, values, mask, index
+
   @nn.compact
   def __call__(self, x: Array, kv_source: Array | None = None, mask: Array | None = None,
                position_bias: Array | None = None, deterministic: bool = True,
-               decode: bool = False) -> tuple[Array, Array | None]:
+               decode: bool = False, rows_per_input: int = 1) -> tuple[Array, Array | None]:
     """Attention output [batch, length, d_model] and the position bias it used.
 
     `kv_source` (cross-attention) may hold fewer rows than `x`: every group of batch // rows
     consecutive query rows attends to one source row, as the beams of one input do, so the
     encoder keys/values are computed and cached once per input rather than once per beam.
+
+    In decoding self-attention, each group of `rows_per_input` consecutive rows (the beams of
+    one input) shares one cache: see `_cached_self_attention`.
     """
     cfg = self.config
     batch, length = x.shape[:2]
@@ -305,6 +365,7 @@ class T5Attention(nn.Module):
     project_key = self._dense(cfg.num_heads * cfg.d_kv, "k")
     project_value = self._dense(cfg.num_heads * cfg.d_kv, "v")
     query_offset = 0
+    keys_per_position = 1
 
     # Decoding caches the encoder's keys as [rows, heads, d_kv, source length]: XLA's CPU matmul
     # repacks a [length, d_kv] operand at every step, a third slower than a [d_kv, length] one.
@@ -322,31 +383,20 @@ class T5Attention(nn.Module):
           self.variable("cache", "cached_key", lambda: key)
           self.variable("cache", "cached_value", lambda: value)
       key_transposed = decode
+    elif decode and self.has_variable("cache", "cached_key"):
+      key, value, mask, query_offset = self._cached_self_attention(
+          project_key(x), project_value(x), rows_per_input)
+      key_transposed = True
+      keys_per_position = rows_per_input
     else:
       key = split_heads(project_key(x))
       value = split_heads(project_value(x))
-      if decode:
-        is_initialized = self.has_variable("cache", "cached_key")
-        cached_key = self.variable("cache", "cached_key", jnp.zeros, key.shape, key.dtype)
-        cached_value = self.variable("cache", "cached_value", jnp.zeros, value.shape, value.dtype)
-        cache_index = self.variable("cache", "cache_index", lambda: jnp.array(0, jnp.int32))
-        if is_initialized:
-          if length != 1:
-            raise ValueError(f"a cached decoding step takes one token per call, got {length}")
-          index = cache_index.value
-          key = jax.lax.dynamic_update_slice(cached_key.value, key.astype(cached_key.value.dtype),
-                                             (0, 0, index, 0))
-          value = jax.lax.dynamic_update_slice(
-              cached_value.value, value.astype(cached_value.value.dtype), (0, 0, index, 0))
-          cached_key.value, cached_value.value = key, value
-          cache_index.value = index + 1
-          query_offset = index
-          # Attend to the tokens decoded so far; the causal/padding mask passed in is ignored.
-          mask = (jnp.arange(key.shape[2]) <= index)[None, None, None, :]
+      if decode:  # Creates the cache, sized by this full-length call.
+        self._create_self_attention_cache(batch, length, rows_per_input, key.dtype)
 
     kv_length = value.shape[2]
     if position_bias is None and self.has_relative_attention_bias:
-      position_bias = self._relative_bias(length, kv_length, query_offset)
+      position_bias = self._relative_bias(length, kv_length, query_offset, keys_per_position)
 
     # The queries of a group that shares a source row (the beams of one input; otherwise the
     # group is 1) become extra query rows of that source row: [source rows, heads, group *
@@ -363,7 +413,9 @@ class T5Attention(nn.Module):
     if position_bias is not None:
       scores = scores + position_bias[:, :, None]
     if mask is not None:
-      scores = jnp.where(mask[:, :, None], scores, jnp.finfo(jnp.float32).min)
+      if mask.ndim == 4:  # [rows, 1, query, key]: the same for every row of a group.
+        mask = mask[:, :, None]
+      scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1)
     probs = Dropout(cfg.dropout_rate)(probs, deterministic=deterministic)
     out = jnp.einsum("bhmk,bhkd->bhmd",
@@ -410,9 +462,11 @@ class T5Block(nn.Module):
                encoded: Array | None, encoder_mask: Array | None, deterministic: bool,
                decode: bool) -> tuple[Array, Array]:
     cfg = self.config
+    # Decoding beams: consecutive decoder rows that share one encoder row (see T5Attention).
+    rows_per_input = x.shape[0] // encoded.shape[0] if self.is_decoder else 1
     x, position_bias = _SelfAttentionLayer(
         cfg, self.is_decoder, self.has_relative_attention_bias, name="layer_0")(
-            x, mask, position_bias, deterministic, decode)
+            x, mask, position_bias, deterministic, decode, rows_per_input)
     if self.is_decoder:
       x = _CrossAttentionLayer(cfg, name="layer_1")(x, encoded, encoder_mask, deterministic,
                                                     decode)
@@ -427,13 +481,14 @@ class _SelfAttentionLayer(nn.Module):
 
   @nn.compact
   def __call__(self, x: Array, mask: Array | None, position_bias: Array | None,
-               deterministic: bool, decode: bool) -> tuple[Array, Array | None]:
+               deterministic: bool, decode: bool,
+               rows_per_input: int = 1) -> tuple[Array, Array | None]:
     cfg = self.config
     normed = _layer_norm(cfg, "layer_norm")(x)
     out, position_bias = T5Attention(cfg, self.causal, self.has_relative_attention_bias,
                                      name="SelfAttention")(
         normed, mask=mask, position_bias=position_bias, deterministic=deterministic,
-        decode=decode)
+        decode=decode, rows_per_input=rows_per_input)
     return x + Dropout(cfg.dropout_rate)(out, deterministic=deterministic), position_bias
 
 

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 import helpers
-from flax_sum.decode import GenerationSettings, first_argmax, greedy_generate, greedy_search
+from flax_sum.decode import (GenerationSettings, first_argmax, greedy_generate, greedy_search,
+                             reorder_beam_ancestry)
 from flax_sum.model import T5, T5Config, init_decode_cache, init_params
 
 BATCH, SOURCE_LENGTH, MAX_LENGTH, VOCAB = 16, 9, 14, 64
@@ -123,6 +124,95 @@ def test_cached_steps_equal_full_pass_logits(setup, dtype, atol):
   index = cache["decoder"]["block_1"]["layer_0"]["SelfAttention"]["cache_index"]
   assert int(index) == MAX_LENGTH
 
+
+
+BEAMS = 3
+
+
+def stepwise_beam_logits(model, params, input_ids, mask, beam_ids, reorder_at=None,
+                         reorder_indices=None):
+  """Decodes `beam_ids` [BATCH * BEAMS, MAX_LENGTH] (input b's beams at rows b * BEAMS + j)
+  one token per call with the beam-shared cache; before step `reorder_at`, the beams are
+  reordered by `reorder_indices` as beam search does. Returns (logits, final cache)."""
+  @jax.jit
+  def run(params):
+    encoded = model.apply({"params": params}, input_ids, mask, method=T5.encode)
+    cache = init_decode_cache(model, params, encoded, mask, MAX_LENGTH, rows_per_input=BEAMS)
+    logits = []
+    for step in range(MAX_LENGTH):
+      if step == reorder_at:
+        cache = reorder_beam_ancestry(cache, jnp.asarray(reorder_indices))
+      out, updated = model.apply({"params": params, "cache": cache}, encoded, mask,
+                                 jnp.asarray(beam_ids[:, step:step + 1]), decode=True,
+                                 mutable=["cache"], method=T5.decode)
+      cache = updated["cache"]
+      logits.append(out[:, 0])
+    return jnp.stack(logits, axis=1), cache
+  return run(params)
+
+
+def full_pass_logits(model, params, input_ids, mask, decoder_ids):
+  """Teacher-forced logits of every row of `decoder_ids`, each row's input repeated per beam."""
+  repeat = lambda x: np.repeat(np.asarray(x), BEAMS, axis=0)
+  return model.apply({"params": params}, repeat(input_ids), repeat(mask), decoder_ids)
+
+
+def beam_sequences():
+  """BEAMS different decoder inputs per source row: the start token, then random tokens."""
+  ids = np.random.default_rng(5).integers(2, VOCAB, (BATCH * BEAMS, MAX_LENGTH)).astype(np.int32)
+  ids[:, 0] = 0
+  return ids
+
+
+def test_beams_sharing_a_cache_see_only_their_own_tokens(setup):
+  model, params, input_ids, mask, _ = setup
+  beam_ids = beam_sequences()
+  stepwise, cache = stepwise_beam_logits(model, params, input_ids, mask, beam_ids)
+  full = full_pass_logits(model, params, input_ids, mask, beam_ids)
+  np.testing.assert_allclose(stepwise, full, atol=2e-5, rtol=0)
+  attention = cache["decoder"]["block_0"]["layer_0"]["SelfAttention"]
+  # One key/value slot per beam and position, stored per input: [inputs, heads, d_kv, slots].
+  config = model.config
+  assert attention["cached_key"].shape == (BATCH, config.num_heads, config.d_kv,
+                                           MAX_LENGTH * BEAMS)
+  np.testing.assert_array_equal(attention["cache_ancestry"],
+                                np.tile(np.arange(BEAMS), BATCH)[:, None].repeat(MAX_LENGTH, 1))
+
+
+def test_reordered_beams_continue_the_histories_they_were_given(setup):
+  model, params, input_ids, mask, _ = setup
+  beam_ids = beam_sequences()
+  reorder_at = 5
+  # Input b's beam j continues beam source[j] (beams may be duplicated or dropped).
+  source = np.array([2, 2, 0])
+  indices = (np.arange(BATCH)[:, None] * BEAMS + source[None, :]).reshape(-1)
+  stepwise, cache = stepwise_beam_logits(model, params, input_ids, mask, beam_ids, reorder_at,
+                                         indices)
+  # What each row has seen: its source beam's tokens before the reorder, its own after.
+  histories = beam_ids.copy()
+  histories[:, :reorder_at] = beam_ids[indices, :reorder_at]
+  full = full_pass_logits(model, params, input_ids, mask, histories)
+  np.testing.assert_allclose(stepwise[:, reorder_at:], full[:, reorder_at:], atol=2e-5, rtol=0)
+  attention = cache["decoder"]["block_1"]["layer_0"]["SelfAttention"]
+  ancestry = np.asarray(attention["cache_ancestry"]).reshape(BATCH, BEAMS, MAX_LENGTH)
+  np.testing.assert_array_equal(ancestry[:, :, :reorder_at],
+                                np.broadcast_to(source[None, :, None], (BATCH, BEAMS, reorder_at)))
+  np.testing.assert_array_equal(ancestry[:, :, reorder_at:],
+                                np.broadcast_to(np.arange(BEAMS)[None, :, None],
+                                                (BATCH, BEAMS, MAX_LENGTH - reorder_at)))
+
+
+def test_reorder_moves_only_the_ancestry_tables():
+  cache = {"SelfAttention": {"cached_key": jnp.arange(24.0).reshape(2, 12),
+                             "cache_ancestry": jnp.array([[0, 0], [1, 1], [0, 1], [1, 0]]),
+                             "cache_index": jnp.array(2)},
+           "EncDecAttention": {"cached_key": jnp.arange(8.0).reshape(2, 4)}}
+  moved = reorder_beam_ancestry(cache, jnp.array([1, 1, 3, 2]))
+  np.testing.assert_array_equal(moved["SelfAttention"]["cache_ancestry"],
+                                [[1, 1], [1, 1], [1, 0], [0, 1]])
+  for path in (("SelfAttention", "cached_key"), ("SelfAttention", "cache_index"),
+               ("EncDecAttention", "cached_key")):
+    np.testing.assert_array_equal(moved[path[0]][path[1]], cache[path[0]][path[1]])
 
 def test_greedy_search_stops_when_all_rows_end():
   eos, pad, vocab, calls = 1, 0, 8, []
