@@ -322,12 +322,13 @@ def generate(model: model_lib.T5, params: Any, input_ids: Array, attention_mask:
   cache = model_lib.init_decode_cache(model, params, encoded, attention_mask,
                                       settings.max_new_tokens, rows_per_input=settings.num_beams)
 
-  output_kernel = model_lib.output_projection(model.config, params)
+  output_embedding = model_lib.output_embedding(model.config, params)
 
   def tokens_to_logits(tokens: Array, cache: Cache) -> tuple[Array, Cache]:
     logits, updated = model.apply({"params": params, "cache": cache}, encoded, attention_mask,
                                   tokens, decode=True, mutable=["cache"],
-                                  output_kernel=output_kernel, method=model_lib.T5.decode)
+                                  output_embedding=output_embedding,
+                                  method=model_lib.T5.decode)
     return logits[:, -1], updated["cache"]
 
   if settings.num_beams > 1:

@@ -578,12 +578,13 @@ class T5(nn.Module):
 
   def decode(self, encoded: Array, attention_mask: Array, decoder_input_ids: Array,
              decoder_attention_mask: Array | None = None, deterministic: bool = True,
-             decode: bool = False, output_kernel: Array | None = None) -> Array:
+             decode: bool = False, output_embedding: Array | None = None) -> Array:
     """Decoder logits in float32.
 
-    `output_kernel` is `output_projection(config, params)`, passed by a decoding loop that
-    computes it once: the tied embedding read transposed at every step took a quarter more
-    time than its transposed copy.
+    `output_embedding` is `output_embedding(config, params)`, passed by a decoding loop that
+    computes it once per call: as the first operand of the logits matmul, [vocab, d_model],
+    XLA's CPU matmul reads it in place, where it repacked a [d_model, vocab] operand at every
+    step (the tied embedding is used as it is; an untied head is transposed once).
 
     With `decode=True` and no 'cache' yet, creates the cache (sized by decoder_input_ids'
     length, holding the encoder keys/values of `encoded`) and returns full-sequence logits;
@@ -601,21 +602,23 @@ class T5(nn.Module):
                      deterministic=deterministic, decode=decode)
     if cfg.tie_word_embeddings:
       x = x * jnp.asarray(cfg.d_model**-0.5, x.dtype)
-    if output_kernel is not None:
-      return jnp.einsum("btd,dv->btv", x, output_kernel.astype(cfg.dtype),
-                        preferred_element_type=jnp.float32)
+    if output_embedding is not None:
+      logits = jnp.einsum("vd,btd->vbt", output_embedding.astype(cfg.dtype), x,
+                          preferred_element_type=jnp.float32)
+      return jnp.transpose(logits, (1, 2, 0))
     if cfg.tie_word_embeddings:
       return jnp.einsum("btd,vd->btv", x, self.shared.embedding.astype(cfg.dtype),
                         preferred_element_type=jnp.float32)
     return self.lm_head(x)
 
 
-def output_projection(config: T5Config, params: Any) -> Array:
-  """The [d_model, vocab] matrix that maps the decoder output to logits: the transposed shared
-  embedding when tied (the output is scaled by d_model**-0.5 first), else the LM head."""
+def output_embedding(config: T5Config, params: Any) -> Array:
+  """The [vocab, d_model] matrix whose rows map the decoder output to logits: the shared
+  embedding when tied (the output is scaled by d_model**-0.5 first), else the LM head's
+  kernel transposed."""
   if config.tie_word_embeddings:
-    return jnp.transpose(params["shared"]["embedding"])
-  return params["lm_head"]["kernel"]
+    return params["shared"]["embedding"]
+  return jnp.transpose(params["lm_head"]["kernel"])
 
 
 @functools.partial(jax.jit, static_argnums=1)
