@@ -9,7 +9,7 @@ import pytest
 
 import helpers
 from flax_sum.decode import (GenerationSettings, first_argmax, greedy_generate, greedy_search,
-                             reorder_beam_ancestry)
+                             reorder_beam_ancestry, top_k)
 from flax_sum.model import T5, T5Config, init_decode_cache, init_params
 
 BATCH, SOURCE_LENGTH, MAX_LENGTH, VOCAB = 16, 9, 14, 64
@@ -242,3 +242,19 @@ def test_first_argmax_matches_argmax_with_ties_and_infinities():
   expected = np.argmax(scores, axis=-1)
   np.testing.assert_array_equal(jax.jit(first_argmax)(scores), expected)
   assert expected[1] == 7 and expected[3] == 0 and expected[4] == 999
+
+
+@pytest.mark.parametrize("n,k,block_size", [(4 * 1000, 8, 64), (1003, 6, 16), (50, 4, 16),
+                                            (300, 5, 256)])
+def test_top_k_by_blocks_equals_lax_top_k_with_ties(n, k, block_size):
+  rng = np.random.default_rng(n)
+  scores = rng.integers(-6, 4, (7, n)).astype(np.float32)  # Many ties.
+  scores[0] = -np.inf  # Every score ties, the padding too.
+  scores[1, :n - 3] = -np.inf  # Fewer finite scores than k.
+  scores[2, [5, n - 1]] = 100.0  # A tie between the first and the last block.
+  scores[3] = rng.standard_normal(n)
+  values, indices = jax.jit(lambda x: top_k(x, k, block_size))(scores)
+  expected_values, expected_indices = jax.lax.top_k(scores, k)
+  np.testing.assert_array_equal(indices, expected_indices)
+  np.testing.assert_array_equal(values, expected_values)
+  assert indices.dtype == expected_indices.dtype
