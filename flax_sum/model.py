@@ -222,6 +222,36 @@ def hashed_random_bits(seeds: Array, shape: tuple[int, ...]) -> Array:
   return _mix32(_mix32(counter ^ seeds[0]) ^ seeds[1])
 
 
+@jax.custom_vjp
+def add_position_bias(scores: Array, position_bias: Array) -> Array:
+  """`scores + position_bias`, the bias broadcast over the batch (and beam) axes.
+
+  Its gradient sums over the batch with a matmul against ones: XLA's CPU reduce over a leading
+  axis took 154 ms of a 4.3 s t5-small train step for what the matmul does in 4.
+  """
+  return scores + position_bias
+
+
+def _add_position_bias_forward(scores: Array, position_bias: Array) -> tuple[Array, Array]:
+  return scores + position_bias, position_bias
+
+
+def _add_position_bias_backward(position_bias: Array, grad: Array) -> tuple[Array, Array]:
+  broadcast_axes = [axis for axis, (size, bias_size) in enumerate(zip(grad.shape,
+                                                                      position_bias.shape))
+                    if bias_size == 1 and size != 1]
+  bias_grad = grad
+  if broadcast_axes[:1] == [0]:
+    bias_grad = jnp.tensordot(jnp.ones(grad.shape[0], grad.dtype), grad, axes=(0, 0),
+                              precision=jax.lax.Precision.HIGHEST)[None]
+    broadcast_axes = broadcast_axes[1:]
+  bias_grad = jnp.sum(bias_grad, axis=tuple(broadcast_axes), keepdims=True)
+  return grad, bias_grad.astype(position_bias.dtype)
+
+
+add_position_bias.defvjp(_add_position_bias_forward, _add_position_bias_backward)
+
+
 class Dropout(nn.Module):
   """Inverted dropout like `nn.Dropout`, with masks hashed from one draw of the 'dropout' rng.
 
@@ -411,7 +441,7 @@ class T5Attention(nn.Module):
                         grouped(query), key, preferred_element_type=jnp.float32)
     scores = scores.reshape(rows, cfg.num_heads, group, length, kv_length)
     if position_bias is not None:
-      scores = scores + position_bias[:, :, None]
+      scores = add_position_bias(scores, position_bias[:, :, None])
     if mask is not None:
       if mask.ndim == 4:  # [rows, 1, query, key]: the same for every row of a group.
         mask = mask[:, :, None]

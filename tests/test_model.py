@@ -10,7 +10,8 @@ import pytest
 
 from flax_sum import config as config_lib
 from flax_sum.errors import UserError
-from flax_sum.model import Dropout, T5, T5Config, init_params, relative_position_bucket
+from flax_sum.model import (Dropout, T5, T5Config, add_position_bias, init_params,
+                            relative_position_bucket)
 
 VARIANTS = [("relu", True), ("gated-gelu", False), ("relu", False), ("gated-gelu", True)]
 
@@ -272,3 +273,18 @@ def test_dropout_masks_differ_between_layers_of_one_step():
   assert 0.4 < (np.asarray(first) > 0).mean() < 0.6
   # Independent masks disagree on half the elements (1,024 draws: standard error 0.016).
   assert 0.44 < ((np.asarray(first) > 0) != (np.asarray(second) > 0)).mean() < 0.56
+
+
+@pytest.mark.parametrize("bias_shape", [(1, 2, 1, 3, 5), (4, 2, 1, 3, 5), (1, 2, 3, 3, 5)])
+def test_position_bias_gradient_sums_over_the_axes_it_was_broadcast_over(bias_shape):
+  rng = np.random.default_rng(0)
+  scores = jnp.asarray(rng.normal(size=(4, 2, 3, 3, 5)), jnp.float32)
+  bias = jnp.asarray(rng.normal(size=bias_shape), jnp.float32)
+  upstream = jnp.asarray(rng.normal(size=scores.shape), jnp.float32)
+  ours = jax.grad(lambda s, b: jnp.sum(add_position_bias(s, b) * upstream), argnums=(0, 1))
+  expected = (upstream, np.sum(np.asarray(upstream), axis=tuple(
+      axis for axis, size in enumerate(bias_shape) if size == 1), keepdims=True))
+  for got, want in zip(jax.jit(ours)(scores, bias), expected):
+    assert got.shape == want.shape
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-6, atol=1e-6)
+  np.testing.assert_array_equal(add_position_bias(scores, bias), scores + bias)
