@@ -344,7 +344,7 @@ def generate(model: model_lib.T5, params: Any, input_ids: Array, attention_mask:
   cache = model_lib.init_decode_cache(model, params, encoded, attention_mask,
                                       settings.max_new_tokens, rows_per_input=settings.num_beams)
 
-  output_embedding = model_lib.output_embedding(model.config, params)
+  output_embedding = model_lib.output_embedding_matrix(model.config, params)
 
   def tokens_to_logits(tokens: Array, cache: Cache) -> tuple[Array, Cache]:
     logits, updated = model.apply({"params": params, "cache": cache}, encoded, attention_mask,

@@ -611,7 +611,7 @@ class T5(nn.Module):
              decode: bool = False, output_embedding: Array | None = None) -> Array:
     """Decoder logits in float32.
 
-    `output_embedding` is `output_embedding(config, params)`, passed by a decoding loop that
+    `output_embedding` is `output_embedding_matrix(config, params)`, passed by a decoding loop that
     computes it once per call: as the first operand of the logits matmul, [vocab, d_model],
     XLA's CPU matmul reads it in place, where it repacked a [d_model, vocab] operand at every
     step (the tied embedding is used as it is; an untied head is transposed once).
@@ -642,7 +642,7 @@ class T5(nn.Module):
     return self.lm_head(x)
 
 
-def output_embedding(config: T5Config, params: Any) -> Array:
+def output_embedding_matrix(config: T5Config, params: Any) -> Array:
   """The [vocab, d_model] matrix whose rows map the decoder output to logits: the shared
   embedding when tied (the output is scaled by d_model**-0.5 first), else the LM head's
   kernel transposed."""
