@@ -1,6 +1,6 @@
 """Tests run on 8 simulated CPU devices; the flag must be set before jax is imported.
 
-They use local files only: the Hub is offline, and a connection to anywhere but this machine
+They use local files only: the Hub is offline, and a name lookup or connection beyond this machine
 fails the test that makes it (the fake Hub of test_hub.py and the multi-host coordinator listen
 on 127.0.0.1).
 """
@@ -17,16 +17,30 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
-LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
+LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1", socket.gethostname())
+
+# What the guard lets through to; a test of the guard swaps these for recorders.
+real_connect = socket.socket.connect
+real_getaddrinfo = socket.getaddrinfo
+
+
+def _refuse_unless_local(host) -> None:
+  if host not in LOCAL_HOSTS:
+    raise OSError(f"tests use local files only: refused to reach {host!r}")
 
 
 @pytest.fixture(autouse=True)
 def no_network(monkeypatch):
-  connect = socket.socket.connect
+  """Refuses name lookups and connections beyond this machine, before any packet is sent."""
+  def connect(sock, address):
+    if isinstance(address, tuple):
+      _refuse_unless_local(address[0])
+    return real_connect(sock, address)
 
-  def local_only(sock, address):
-    if isinstance(address, tuple) and address[0] not in LOCAL_HOSTS:
-      raise OSError(f"tests use local files only: refused a connection to {address}")
-    return connect(sock, address)
+  def getaddrinfo(host, *args, **kwargs):
+    if host is not None:
+      _refuse_unless_local(host.decode() if isinstance(host, bytes) else host)
+    return real_getaddrinfo(host, *args, **kwargs)
 
-  monkeypatch.setattr(socket.socket, "connect", local_only)
+  monkeypatch.setattr(socket.socket, "connect", connect)
+  monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)

@@ -309,7 +309,18 @@ def test_tokenizer_is_saved_alongside(tmp_path):
   assert metadata == {"format": "pt"}
 
 
-def test_tests_cannot_reach_beyond_this_machine():
-  import socket
-  with pytest.raises(OSError, match="tests use local files only"):
-    socket.create_connection(("8.8.8.8", 443), timeout=1)
+def test_tests_cannot_reach_the_hub(monkeypatch):
+  """conftest's guard refuses the Hub before any lookup or connection; the real socket functions
+  are swapped for recorders first, so even a broken guard sends nothing."""
+  import conftest
+  reached = []
+  monkeypatch.setattr(conftest, "real_getaddrinfo", lambda *args, **kwargs: reached.append(args))
+  monkeypatch.setattr(conftest, "real_connect", lambda sock, address: reached.append(address))
+  for address in (("huggingface.co", 443), ("8.8.8.8", 443)):
+    with pytest.raises(OSError, match="tests use local files only: refused to reach"):
+      socket.create_connection(address, timeout=1)
+    with socket.socket() as sock, pytest.raises(OSError, match="tests use local files only"):
+      sock.connect(address)
+  assert reached == []
+  socket.getaddrinfo("127.0.0.1", 80)  # This machine stays reachable (the fake Hub, gloo).
+  assert reached == [("127.0.0.1", 80)]
