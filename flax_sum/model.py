@@ -369,8 +369,7 @@ class T5Attention(nn.Module):
     else:
       visible = is_filled[None, None, :, None]
     mask = visible.reshape(visible.shape[0], 1, group, 1, max_length * group)
-    keys, values = cached_key.value, cached_value.value
-    return keys, values, mask, index
+    return cached_key.value, cached_value.value, mask, index
 
   @nn.compact
   def __call__(self, x: Array, kv_source: Array | None = None, mask: Array | None = None,
