@@ -3,9 +3,10 @@
   python -m flax_sum.bench [--parts train,generate,padding] [--train_steps 8] ...
 
 Every part runs a randomly initialised t5-small-shaped model on real text (the bundled
-DialogSum), both sides one after the other in this process; the report (one JSON object on
-stdout) gives their ratios. Rates are steady state: the warm-up calls that compile are timed
-apart. The PyTorch sides need torch and are left out without it.
+DialogSum) in this process, in rounds that run each side once, in turn (--repeats rounds; a
+side's rate is its best round); the report (one JSON object on stdout) gives their ratios. Rates
+are steady state: the warm-up calls that compile are timed apart. The PyTorch sides need torch
+and are left out without it.
 
 - train: samples/s of our pmapped train step (one device, length buckets) vs a PyTorch loop that
   trains the way `run_summarization.py` does (dynamic padding to the longest row of each batch,
@@ -46,13 +47,14 @@ from flax_sum.model import T5, T5Config, init_params
 PARTS = ("train", "generate", "padding")
 
 
-def _best_time(fn: Callable[[], Any], repeats: int) -> float:
-  """Best wall time of `repeats` calls; call `fn` once before to compile or warm up."""
-  best = float("inf")
+def _interleaved_best_times(sides: dict[str, Callable[[], Any]], repeats: int) -> dict[str, float]:
+  """Each side's best wall time over `repeats` rounds that call every side once, in turn: a
+  slow spell of a shared machine then slows both sides' rounds, not one side's whole run.
+  Call each side once before, to compile or warm up."""
+  best = {name: float("inf") for name in sides}
   for _ in range(repeats):
-    start = time.perf_counter()
-    fn()
-    best = min(best, time.perf_counter() - start)
+    for name, side in sides.items():
+      best[name] = min(best[name], _timed(side))
   return best
 
 
@@ -106,10 +108,10 @@ def _torch_model(model_config: T5Config, params: Any):
     return transformers.T5ForConditionalGeneration.from_pretrained(model_dir)
 
 
-def _flax_training_seconds(model_config: T5Config, params: Any,
-                           batches: list[dict[str, np.ndarray]]) -> tuple[float, float]:
-  """(seconds for the train steps over `batches`, seconds of the warm-up steps that compiled
-  one program per batch shape first)."""
+def _flax_trainer(model_config: T5Config, params: Any,
+                  batches: list[dict[str, np.ndarray]]) -> tuple[Callable[[], None], float]:
+  """A function that runs our train step over `batches` (each call goes on training the same
+  state), and the seconds of the warm-up that compiled one program per batch shape first."""
   config = config_lib.base_config()
   config.learning_rate = 5e-5
   schedule = optim.create_learning_rate_schedule(config, 2 * len(batches))
@@ -128,16 +130,49 @@ def _flax_training_seconds(model_config: T5Config, params: Any,
 
   shapes = {(b["input_ids"].shape, b["labels"].shape): b for b in batches}
   warmup_seconds = _timed(lambda: run(list(shapes.values())))
-  return _timed(lambda: run(batches)), warmup_seconds
+  return lambda: run(batches), warmup_seconds
+
+
+def _torch_trainer(torch, model_config: T5Config, params: Any,
+                   batches: list[dict[str, np.ndarray]]) -> tuple[Callable[[], None], list[float]]:
+  """A function that trains transformers' PyTorch T5 over `batches` the way
+  run_summarization.py does (after one warm-up step), and its batches' mean padded widths."""
+  torch.manual_seed(0)
+  torch_model = _torch_model(model_config, params).train()
+  optimizer = torch.optim.AdamW(torch_model.parameters(), lr=5e-5, weight_decay=0.0)
+  torch_schedule = torch.optim.lr_scheduler.LambdaLR(
+      optimizer, lambda step: max(0.0, 1 - step / (2 * len(batches))))
+  # run_summarization's collator pads each batch to its longest row (labels with -100).
+  torch_batches = []
+  for batch in batches:
+    mask, target_mask = batch["attention_mask"][0], batch["decoder_attention_mask"][0]
+    source, target = int(mask.sum(1).max()), int(target_mask.sum(1).max())
+    labels = np.where(target_mask, batch["labels"][0], -100)[:, :target]
+    torch_batches.append({"input_ids": torch.tensor(batch["input_ids"][0][:, :source]).long(),
+                          "attention_mask": torch.tensor(mask[:, :source]).long(),
+                          "labels": torch.tensor(labels).long()})
+
+  def run(selected):
+    for batch in selected:
+      loss = torch_model(**batch).loss
+      loss.backward()
+      torch.nn.utils.clip_grad_norm_(torch_model.parameters(), 1.0)
+      optimizer.step()
+      torch_schedule.step()
+      optimizer.zero_grad()
+
+  run(torch_batches[:1])
+  return lambda: run(torch_batches), _mean_widths(torch_batches)
 
 
 def _flax_batches(arrays: input_pipeline.TokenArrays, batch_size: int,
                   buckets: input_pipeline.LengthBuckets | None) -> list[dict[str, np.ndarray]]:
-  return list(input_pipeline.train_batches(arrays, seed=0, epoch=0, per_device_batch_size=batch_size,
-                                           num_devices=1, buckets=buckets))
+  return list(input_pipeline.train_batches(arrays, seed=0, epoch=0,
+                                           per_device_batch_size=batch_size, num_devices=1,
+                                           buckets=buckets))
 
 
-def _mean_widths(batches: list[dict[str, np.ndarray]]) -> list[float]:
+def _mean_widths(batches: list[dict[str, Any]]) -> list[float]:
   return [round(float(np.mean([b[key].shape[-1] for b in batches])), 1)
           for key in ("input_ids", "labels")]
 
@@ -148,7 +183,14 @@ def bench_train(model_config: T5Config, params: Any, args: argparse.Namespace) -
   buckets = input_pipeline.LengthBuckets.evenly_spaced(args.source_length, args.target_length,
                                                        args.length_buckets)
   batches = _flax_batches(arrays, batch_size, buckets)
-  ours_s, warmup_s = _flax_training_seconds(model_config, params, batches)
+  train_ours, warmup_s = _flax_trainer(model_config, params, batches)
+  sides = {"flax_sum": train_ours}
+  torch = None if args.skip_torch else _torch()
+  if torch is not None:
+    sides["transformers"], torch_widths = _torch_trainer(
+        torch, model_config, params, _flax_batches(arrays, batch_size, None))
+  seconds = _interleaved_best_times(sides, args.repeats)
+  ours_s = seconds["flax_sum"]
   step_flops = sum(batch_size * perf.train_flops_per_example(
       model_config, b["input_ids"].shape[-1], b["labels"].shape[-1]) for b in batches)
   peak, peak_source = perf.peak_flops_per_device()
@@ -162,60 +204,35 @@ def bench_train(model_config: T5Config, params: Any, args: argparse.Namespace) -
       "peak_flops_per_second": round(peak / 1e9, 2) * 1e9, "peak_source": peak_source,
       "mfu": round(step_flops / ours_s / peak, 3) if peak else None,
   }
-  torch = _torch()
-  if torch is None or args.skip_torch:
-    return result
-  torch.manual_seed(0)
-  torch_model = _torch_model(model_config, params).train()
-  optimizer = torch.optim.AdamW(torch_model.parameters(), lr=5e-5, weight_decay=0.0)
-  torch_schedule = torch.optim.lr_scheduler.LambdaLR(
-      optimizer, lambda step: max(0.0, 1 - step / (2 * num_steps)))
-  # run_summarization's collator pads each batch to its longest row (labels with -100).
-  torch_batches = []
-  for batch in _flax_batches(arrays, batch_size, None):
-    mask, target_mask = batch["attention_mask"][0], batch["decoder_attention_mask"][0]
-    source, target = int(mask.sum(1).max()), int(target_mask.sum(1).max())
-    labels = np.where(target_mask, batch["labels"][0], -100)[:, :target]
-    torch_batches.append({"input_ids": torch.tensor(batch["input_ids"][0][:, :source]).long(),
-                          "attention_mask": torch.tensor(mask[:, :source]).long(),
-                          "labels": torch.tensor(labels).long()})
-
-  def run_torch(selected):
-    for batch in selected:
-      loss = torch_model(**batch).loss
-      loss.backward()
-      torch.nn.utils.clip_grad_norm_(torch_model.parameters(), 1.0)
-      optimizer.step()
-      torch_schedule.step()
-      optimizer.zero_grad()
-
-  run_torch(torch_batches[:1])
-  theirs_s = _timed(lambda: run_torch(torch_batches))
-  result["transformers_samples_per_second"] = round(num_steps * batch_size / theirs_s, 3)
-  result["speedup"] = round(theirs_s / ours_s, 2)
-  result["transformers_mean_padded_lengths"] = _mean_widths(torch_batches)
-  result["torch_threads"] = torch.get_num_threads()
+  if torch is not None:
+    theirs_s = seconds["transformers"]
+    result["transformers_samples_per_second"] = round(num_steps * batch_size / theirs_s, 3)
+    result["speedup"] = round(theirs_s / ours_s, 2)
+    result["transformers_mean_padded_lengths"] = torch_widths
+    result["torch_threads"] = torch.get_num_threads()
   return result
 
 
 def bench_padding(model_config: T5Config, params: Any,
                   args: argparse.Namespace) -> dict[str, Any]:
   """Length buckets vs padding to the max on long-tailed lengths: DialogSum's dialogues under
-  HF's default max_source_length (1024 tokens; their median is about 200)."""
+  HF's default max_source_length 1024 tokens (their median is about 200)."""
   batch_size, num_steps = args.train_batch_size, args.train_steps
   source_length, target_length = args.padding_source_length, args.padding_target_length
   arrays = _real_text("train", batch_size * num_steps, source_length, target_length)
   result = {"batch_size": batch_size, "max_source_length": source_length,
             "max_target_length": target_length, "steps": num_steps}
-  seconds = {}
+  sides = {}
   for name, buckets in (("pad_to_max", None), ("length_buckets", (
       input_pipeline.LengthBuckets.evenly_spaced(source_length, target_length,
                                                  args.length_buckets)))):
     batches = _flax_batches(arrays, batch_size, buckets)
-    seconds[name], warmup_s = _flax_training_seconds(model_config, params, batches)
-    result[f"{name}_samples_per_second"] = round(num_steps * batch_size / seconds[name], 3)
+    sides[name], warmup_s = _flax_trainer(model_config, params, batches)
     result[f"{name}_compile_seconds"] = round(warmup_s, 2)
     result[f"{name}_mean_padded_lengths"] = _mean_widths(batches)
+  seconds = _interleaved_best_times(sides, args.repeats)
+  for name, side_seconds in seconds.items():
+    result[f"{name}_samples_per_second"] = round(num_steps * batch_size / side_seconds, 3)
   result["speedup"] = round(seconds["pad_to_max"] / seconds["length_buckets"], 2)
   return result
 
@@ -232,41 +249,44 @@ def bench_generate(model_config: T5Config, params: Any,
   settings = decode.GenerationSettings(
       max_new_tokens=args.max_new_tokens, num_beams=args.num_beams, min_length=0,
       length_penalty=2.0, early_stopping=True, no_repeat_ngram_size=3)
-  tokens, seconds = {}, {}
+  tokens, sides = {}, {}
   result = {"batch_size": args.generate_batch_size, "source_length": args.source_length,
             "settings": dataclasses.asdict(settings)}
   # float32 as PyTorch runs; bfloat16 (params and compute) as an option where matmuls gain.
   for dtype, name in ((jnp.float32, "flax_sum"), (jnp.bfloat16, "flax_sum_bfloat16")):
     model = T5(dataclasses.replace(model_config, dtype=dtype))
     cast_params = jax.tree.map(lambda x: x.astype(dtype), params)
-    generate = jax.jit(lambda p, i, m: decode.generate(model, p, i, m, settings))
+    generate = jax.jit(lambda p, i, m, model=model: decode.generate(model, p, i, m, settings))
 
-    def run_ours():
+    def run_ours(name=name, generate=generate, cast_params=cast_params):
       tokens[name] = np.asarray(generate(cast_params, input_ids, mask))
 
     result[f"{name}_first_call_seconds"] = round(_timed(run_ours), 2)
-    seconds[name] = _best_time(run_ours, args.repeats)
+    sides[name] = run_ours
+  torch = None if args.skip_torch else _torch()
+  if torch is not None:
+    torch_model = _torch_model(model_config, params).eval()
+    torch_inputs = {"input_ids": torch.tensor(np.asarray(input_ids)).long(),
+                    "attention_mask": torch.tensor(np.asarray(mask)).long()}
+
+    def run_theirs():
+      with torch.no_grad():
+        tokens["theirs"] = torch_model.generate(
+            **torch_inputs, do_sample=False, num_beams=settings.num_beams,
+            max_length=settings.max_new_tokens + 1, min_length=0,
+            length_penalty=settings.length_penalty, early_stopping=True,
+            no_repeat_ngram_size=settings.no_repeat_ngram_size).numpy()[:, 1:]
+
+    run_theirs()
+    sides["transformers"] = run_theirs
+  seconds = _interleaved_best_times(sides, args.repeats)
+  for name in ("flax_sum", "flax_sum_bfloat16"):
     result[f"{name}_summaries_per_second"] = round(args.generate_batch_size / seconds[name], 3)
-  ours_s = seconds["flax_sum"]
-  torch = _torch()
-  if torch is None or args.skip_torch:
+  if torch is None:
     return result
-  torch_model = _torch_model(model_config, params).eval()
-  torch_inputs = {"input_ids": torch.tensor(np.asarray(input_ids)).long(),
-                  "attention_mask": torch.tensor(np.asarray(mask)).long()}
-
-  def run_theirs():
-    with torch.no_grad():
-      tokens["theirs"] = torch_model.generate(
-          **torch_inputs, do_sample=False, num_beams=settings.num_beams,
-          max_length=settings.max_new_tokens + 1, min_length=0,
-          length_penalty=settings.length_penalty, early_stopping=True,
-          no_repeat_ngram_size=settings.no_repeat_ngram_size).numpy()[:, 1:]
-
-  run_theirs()
-  theirs_s = _best_time(run_theirs, args.repeats)
+  theirs_s = seconds["transformers"]
   result["transformers_summaries_per_second"] = round(args.generate_batch_size / theirs_s, 3)
-  result["speedup"] = round(theirs_s / ours_s, 2)
+  result["speedup"] = round(theirs_s / seconds["flax_sum"], 2)
   result["speedup_bfloat16"] = round(theirs_s / seconds["flax_sum_bfloat16"], 2)
   width = min(tokens["theirs"].shape[1], tokens["flax_sum"].shape[1])
   result["same_tokens"] = bool(
@@ -295,7 +315,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   parser.add_argument("--generate_batch_size", type=int, default=8)
   parser.add_argument("--num_beams", type=int, default=4)
   parser.add_argument("--max_new_tokens", type=int, default=48)
-  parser.add_argument("--repeats", type=int, default=2, help="generation calls timed per side")
+  parser.add_argument("--repeats", type=int, default=2,
+                      help="timed rounds per part; each round runs every side once, in turn, "
+                           "and a side's rate is its best round")
   parser.add_argument("--skip_torch", action="store_true", help="time flax-sum only")
   args = parser.parse_args(argv)
   unknown = set(args.parts.split(",")) - set(PARTS)

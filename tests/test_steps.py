@@ -2,6 +2,7 @@
 
 import dataclasses
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -10,6 +11,7 @@ import optax
 import pytest
 from flax import jax_utils
 
+from flax_sum import config as config_lib
 from flax_sum import input_pipeline
 from flax_sum import metrics as metrics_lib
 from flax_sum import steps
@@ -219,3 +221,29 @@ def test_replicated_state_is_laid_out_like_step_outputs():
   state, _ = p_train_step(state, batch, jax.random.PRNGKey(1))
   assert [leaf.sharding for leaf in jax.tree.leaves(state)] == layouts
   assert layouts[0] != jax_utils.replicate(np.zeros(1)).sharding  # What the fix avoids.
+
+
+def _state_sized_copies(compiled_hlo, state):
+  """The copies in a compiled pmapped step whose shape is a train-state leaf's on one device."""
+  leaf_shapes = {"f32[%s]" % ",".join(map(str, (1,) + leaf.shape[1:]))
+                 for leaf in jax.tree.leaves(state) if leaf.ndim > 1}
+  copied = re.findall(r"= (f32\[[\d,]*\])\{[\d,]*\} copy\(", compiled_hlo)
+  return [shape for shape in copied if shape in leaf_shapes]
+
+
+def test_the_cpu_train_step_keeps_its_input_state_and_copies_none_of_it():
+  # Donated, the state was updated in place at the cost of copying it twice per step.
+  assert jax.default_backend() == "cpu" and not steps.donates_train_state()
+  batch = batches_of(random_examples(16), per_device=2, num_devices=8)[0]
+  state = steps.replicate(make_state(tiny_config()))
+  p_train_step = steps.pmap_train_step(lambda step: 1e-2, config_lib.base_config())
+  new_state, _ = p_train_step(state, batch, jax.random.PRNGKey(1))
+  for old, new in zip(jax.tree.leaves(state.params), jax.tree.leaves(new_state.params)):
+    assert not np.array_equal(np.asarray(old), np.asarray(new))  # Old buffers still readable.
+  step_hlo = p_train_step.lower(state, batch, jax.random.PRNGKey(1)).compile().as_text()
+  assert _state_sized_copies(step_hlo, state) == []
+  donating_step = jax.pmap(
+      functools.partial(steps.train_step, learning_rate_fn=lambda step: 1e-2),
+      axis_name=steps.AXIS, in_axes=(0, 0, None), donate_argnums=(0,))
+  donating_hlo = donating_step.lower(state, batch, jax.random.PRNGKey(1)).compile().as_text()
+  assert len(_state_sized_copies(donating_hlo, state)) >= len(jax.tree.leaves(state.params))
