@@ -145,9 +145,9 @@ def test_tokenizer_choice(run, tmp_path):
   bundled = str(config_lib.BUNDLED_TOKENIZER_DIR)
   assert settings(tmp_path, None)["tokenizer_name"] == bundled
   (tmp_path / "run_config.json").write_text(json.dumps(
-      {"tokenizer_name": None, "model_name_or_path": "google/flan-t5-small", "cache_dir": "c"}))
+      {"tokenizer_name": None, "model_name_or_path": "owner/t5-model", "cache_dir": "c"}))
   assert settings(tmp_path, None) == {"tokenizer_name": None, "config_name": None,
-                                      "model_name_or_path": "google/flan-t5-small",
+                                      "model_name_or_path": "owner/t5-model",
                                       "cache_dir": "c"}
   (tmp_path / "tokenizer.json").write_text("{}")
   assert settings(tmp_path, None)["tokenizer_name"] == str(tmp_path)

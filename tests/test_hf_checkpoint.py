@@ -226,27 +226,32 @@ def test_directory_without_weights_or_config(tmp_path, monkeypatch):
     hf_checkpoint.load_pretrained(str(empty))
 
 
-def test_uncached_hub_id_offline(tmp_path, monkeypatch):
-  """Offline and local only: the Hub is never asked (conftest also refuses any connection
-  beyond this machine), and the default cache is an empty folder of the test's own."""
+def test_uncached_hub_id_gives_a_one_line_error(tmp_path, monkeypatch):
+  """The Hub client is a local fake that finds nothing cached, as huggingface_hub's
+  `snapshot_download` does offline: only the error mapping is tested, and nothing is fetched."""
   import huggingface_hub
+  from huggingface_hub import errors as hub_errors
+  calls = []
+
+  def uncached_snapshot_download(model_id, allow_patterns, cache_dir):
+    calls.append((model_id, cache_dir))
+    raise hub_errors.LocalEntryNotFoundError(f"{model_id} is not in the cache")
+
+  monkeypatch.setattr(huggingface_hub, "snapshot_download", uncached_snapshot_download)
   monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-  monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "default-cache"))
-  connections = []
-  monkeypatch.setattr(socket.socket, "connect", lambda sock, address: connections.append(address))
-  with pytest.raises(UserError, match="'google/flan-t5-small' is not a local directory and is not "
-                                      r"cached \(offline mode, HF_HUB_OFFLINE is set\)"):
-    hf_checkpoint.load_pretrained("google/flan-t5-small", cache_dir=str(tmp_path))
-  # The default cache, as huggingface_hub resolves it when no cache_dir is given.
+  with pytest.raises(UserError, match="'owner/uncached-model' is not a local directory and is "
+                                      r"not cached \(offline mode, HF_HUB_OFFLINE is set\)"):
+    hf_checkpoint.load_pretrained("owner/uncached-model", cache_dir=str(tmp_path))
+  monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
   with pytest.raises(UserError) as error:
     hf_checkpoint.load_pretrained("someone/not-a-real-model")
   message = str(error.value)
   assert "\n" not in message
   assert message.startswith("model 'someone/not-a-real-model' is not a local directory and is "
-                            "not cached")
+                            "not cached (the Hub cannot be reached)")
   assert message.endswith("pass a local directory holding config.json and model.safetensors, "
                           "or download the model once while online")
-  assert connections == []  # Not even to this machine: no request was made at all.
+  assert calls == [("owner/uncached-model", str(tmp_path)), ("someone/not-a-real-model", None)]
 
 
 def test_missing_local_path_is_not_taken_for_a_hub_id(tmp_path, monkeypatch):
@@ -309,18 +314,20 @@ def test_tokenizer_is_saved_alongside(tmp_path):
   assert metadata == {"format": "pt"}
 
 
-def test_tests_cannot_reach_the_hub(monkeypatch):
-  """conftest's guard refuses the Hub before any lookup or connection; the real socket functions
-  are swapped for recorders first, so even a broken guard sends nothing."""
+def test_the_guard_refuses_hosts_beyond_this_machine(monkeypatch):
+  """conftest's guard refuses a lookup or connection beyond this machine before it happens. The
+  real socket functions are swapped for recorders first, and the hosts are reserved ones that
+  lead nowhere (RFC 6761's .invalid, RFC 5737's documentation network), so a broken guard sends
+  nothing either."""
   import conftest
   reached = []
   monkeypatch.setattr(conftest, "real_getaddrinfo", lambda *args, **kwargs: reached.append(args))
   monkeypatch.setattr(conftest, "real_connect", lambda sock, address: reached.append(address))
-  for address in (("huggingface.co", 443), ("8.8.8.8", 443)):
+  for host in ("model-hub.invalid", "192.0.2.1"):
     with pytest.raises(OSError, match="tests use local files only: refused to reach"):
-      socket.create_connection(address, timeout=1)
+      socket.getaddrinfo(host, 443)
     with socket.socket() as sock, pytest.raises(OSError, match="tests use local files only"):
-      sock.connect(address)
+      sock.connect((host, 443))
   assert reached == []
   socket.getaddrinfo("127.0.0.1", 80)  # This machine stays reachable (the fake Hub, gloo).
   assert reached == [("127.0.0.1", 80)]
