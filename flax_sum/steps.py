@@ -125,7 +125,7 @@ def train_step(state: TrainState, batch: Batch, dropout_rng: jax.Array, *,
     (grads, loss_sum), _ = jax.lax.scan(
         accumulate, zeros, (jnp.arange(accumulation_steps), micro_batches))
 
-  if jax.lax.axis_size(AXIS) > 1:  # XLA's CPU all-reduce copies every gradient, even alone.
+  if jax.lax.axis_size(AXIS) > 1:  # Over one device, XLA's CPU all-reduce only copies them.
     grads = jax.lax.psum(grads, AXIS)
   metrics = {
       "loss": jax.lax.psum(loss_sum, AXIS),
