@@ -111,7 +111,8 @@ def _torch_model(model_config: T5Config, params: Any):
 def _flax_trainer(model_config: T5Config, params: Any,
                   batches: list[dict[str, np.ndarray]]) -> tuple[Callable[[], None], float]:
   """A function that runs our train step over `batches` (each call goes on training the same
-  state), and the seconds of the warm-up that compiled one program per batch shape first."""
+  state) in the model's compute dtype with float32 params, and the seconds of the warm-up that
+  compiled one program per batch shape first."""
   config = config_lib.base_config()
   config.learning_rate = 5e-5
   schedule = optim.create_learning_rate_schedule(config, 2 * len(batches))
@@ -136,7 +137,9 @@ def _flax_trainer(model_config: T5Config, params: Any,
 def _torch_trainer(torch, model_config: T5Config, params: Any,
                    batches: list[dict[str, np.ndarray]]) -> tuple[Callable[[], None], list[float]]:
   """A function that trains transformers' PyTorch T5 over `batches` the way
-  run_summarization.py does (after one warm-up step), and its batches' mean padded widths."""
+  run_summarization.py does (after one warm-up step), and its batches' mean padded widths.
+  With a bfloat16 `model_config.dtype` it runs under bfloat16 autocast, as the Trainer's
+  --bf16 does on CPUs."""
   torch.manual_seed(0)
   torch_model = _torch_model(model_config, params).train()
   optimizer = torch.optim.AdamW(torch_model.parameters(), lr=5e-5, weight_decay=0.0)
@@ -152,9 +155,13 @@ def _torch_trainer(torch, model_config: T5Config, params: Any,
                           "attention_mask": torch.tensor(mask[:, :source]).long(),
                           "labels": torch.tensor(labels).long()})
 
+  autocast = torch.autocast("cpu", dtype=torch.bfloat16,
+                            enabled=model_config.dtype == jnp.bfloat16)
+
   def run(selected):
     for batch in selected:
-      loss = torch_model(**batch).loss
+      with autocast:
+        loss = torch_model(**batch).loss
       loss.backward()
       torch.nn.utils.clip_grad_norm_(torch_model.parameters(), 1.0)
       optimizer.step()
@@ -179,6 +186,7 @@ def _mean_widths(batches: list[dict[str, Any]]) -> list[float]:
 
 def bench_train(model_config: T5Config, params: Any, args: argparse.Namespace) -> dict[str, Any]:
   batch_size, num_steps = args.train_batch_size, args.train_steps
+  model_config = dataclasses.replace(model_config, dtype=jnp.dtype(args.train_dtype))
   arrays = _real_text("train", batch_size * num_steps, args.source_length, args.target_length)
   buckets = input_pipeline.LengthBuckets.evenly_spaced(args.source_length, args.target_length,
                                                        args.length_buckets)
@@ -195,7 +203,7 @@ def bench_train(model_config: T5Config, params: Any, args: argparse.Namespace) -
       model_config, b["input_ids"].shape[-1], b["labels"].shape[-1]) for b in batches)
   peak, peak_source = perf.peak_flops_per_device()
   result = {
-      "batch_size": batch_size, "max_source_length": args.source_length,
+      "dtype": args.train_dtype, "batch_size": batch_size, "max_source_length": args.source_length,
       "max_target_length": args.target_length, "steps": num_steps,
       "flax_sum_samples_per_second": round(num_steps * batch_size / ours_s, 3),
       "flax_sum_compile_seconds": round(warmup_s, 2),
@@ -279,15 +287,31 @@ def bench_generate(model_config: T5Config, params: Any,
 
     run_theirs()
     sides["transformers"] = run_theirs
+    # bfloat16 weights and compute, as `model.to(torch.bfloat16)` runs them.
+    torch_model_bfloat16 = _torch_model(model_config, params).eval().to(torch.bfloat16)
+
+    def run_theirs_bfloat16():
+      with torch.no_grad():
+        torch_model_bfloat16.generate(
+            **torch_inputs, do_sample=False, num_beams=settings.num_beams,
+            max_length=settings.max_new_tokens + 1, min_length=0,
+            length_penalty=settings.length_penalty, early_stopping=True,
+            no_repeat_ngram_size=settings.no_repeat_ngram_size)
+
+    run_theirs_bfloat16()
+    sides["transformers_bfloat16"] = run_theirs_bfloat16
   seconds = _interleaved_best_times(sides, args.repeats)
   for name in ("flax_sum", "flax_sum_bfloat16"):
     result[f"{name}_summaries_per_second"] = round(args.generate_batch_size / seconds[name], 3)
   if torch is None:
     return result
-  theirs_s = seconds["transformers"]
-  result["transformers_summaries_per_second"] = round(args.generate_batch_size / theirs_s, 3)
-  result["speedup"] = round(theirs_s / seconds["flax_sum"], 2)
-  result["speedup_bfloat16"] = round(theirs_s / seconds["flax_sum_bfloat16"], 2)
+  for name in ("transformers", "transformers_bfloat16"):
+    result[f"{name}_summaries_per_second"] = round(args.generate_batch_size / seconds[name], 3)
+  result["speedup"] = round(seconds["transformers"] / seconds["flax_sum"], 2)
+  result["speedup_bfloat16"] = round(
+      seconds["transformers_bfloat16"] / seconds["flax_sum_bfloat16"], 2)
+  result["speedup_bfloat16_vs_transformers_float32"] = round(
+      seconds["transformers"] / seconds["flax_sum_bfloat16"], 2)
   width = min(tokens["theirs"].shape[1], tokens["flax_sum"].shape[1])
   result["same_tokens"] = bool(
       (tokens["theirs"][:, :width] == tokens["flax_sum"][:, :width]).all())
@@ -309,6 +333,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   parser.add_argument("--train_batch_size", type=int, default=8)
   parser.add_argument("--train_steps", type=int, default=8,
                       help="timed steps, after one warm-up step per batch shape")
+  parser.add_argument("--train_dtype", choices=("float32", "bfloat16"), default="float32",
+                      help="the train part's compute dtype on both sides (params stay float32; "
+                           "PyTorch then runs under bfloat16 autocast, as the Trainer's --bf16)")
   parser.add_argument("--length_buckets", type=int, default=4)
   parser.add_argument("--padding_source_length", type=int, default=1024)
   parser.add_argument("--padding_target_length", type=int, default=128)

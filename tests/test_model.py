@@ -1,6 +1,7 @@
 """Tests for the Flax T5: config semantics, masks, causality, variants and initialisation."""
 
 import dataclasses
+import re
 
 import flax.linen as nn
 import jax
@@ -9,6 +10,7 @@ import numpy as np
 import pytest
 
 from flax_sum import config as config_lib
+from flax_sum import model as model_lib
 from flax_sum.errors import UserError
 from flax_sum.model import (Dropout, T5, T5Config, add_position_bias, init_params,
                             relative_position_bucket)
@@ -122,6 +124,67 @@ def test_shapes_and_dtypes(relu_model):
   bf16_logits, bf16_encoded = outputs["bf16"]
   assert bf16_logits.dtype == jnp.float32 and bf16_encoded.dtype == jnp.bfloat16
   np.testing.assert_allclose(bf16_logits, logits, atol=0.1)
+
+
+def _dot_generals(hlo_text: str) -> list[tuple[list[list[str]], str]]:
+  """([operand shapes and element types], result element type) of each dot_general in
+  StableHLO text: a tensor<3x7x16xbf16> operand is ["3", "7", "16", "bf16"]."""
+  return [([t.split("x") for t in re.findall(r"tensor<([^>]*)>", operands)],
+           result.split("x")[-1])
+          for operands, result in re.findall(
+              r"stablehlo\.dot_general .*?: \((.*?)\) -> tensor<([^>]*)>", hlo_text)]
+
+
+@pytest.mark.parametrize("tie_word_embeddings", [True, False])
+def test_bfloat16_matmuls_on_cpus_accumulate_into_float32_forward_and_backward(
+    tie_word_embeddings):
+  # XLA's CPU backend runs bfloat16-output matmuls 2-4x slower than float32-output ones, so
+  # every matmul of a bfloat16 model, in the loss and in its gradient, takes bfloat16 operands
+  # and asks for a float32 result.
+  assert jax.default_backend() == "cpu"
+  config = tiny_config(tie_word_embeddings=tie_word_embeddings, dtype=jnp.bfloat16)
+  model, params = T5(config), init_params(config, jax.random.key(0))
+  input_ids, mask, decoder_ids = random_batch(0)
+
+  def loss(params):
+    logits = model.apply({"params": params}, input_ids, mask, decoder_ids)
+    return jnp.mean(jax.nn.log_softmax(logits)[..., 3])
+
+  dots = _dot_generals(jax.jit(jax.grad(loss)).lower(params).as_text())
+  assert [d for d in dots if d[1] == "bf16"] == []
+  # The matmuls with a weight matrix (a rank-2 operand): per layer, 6 in the encoder (q, k, v,
+  # o, wi, wo) and 10 in the decoder (two attentions), plus the LM head; each runs once
+  # forward and twice backward (the input's and the weight's gradients).
+  weight_matmuls = [(tuple(t[-1] for t in operands), result) for operands, result in dots
+                    if any(len(t) == 3 for t in operands)]  # Two dimensions and the type.
+  assert len(weight_matmuls) == 3 * (config.num_layers * (6 + 10) + 1)
+  assert set(weight_matmuls) == {(("bf16", "bf16"), "f32")}
+
+
+@pytest.mark.parametrize("w_contracting", [0, 1])
+def test_the_float32_accumulated_matmul_and_its_gradients_match_float32_math(w_contracting):
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=(2, 3, 64)), jnp.bfloat16)
+  w_shape = (64, 40) if w_contracting == 0 else (40, 64)
+  w = jnp.asarray(rng.normal(size=w_shape), jnp.bfloat16)
+  grad = jnp.asarray(rng.normal(size=(2, 3, 40)), jnp.bfloat16)
+  as32 = lambda t: np.asarray(t, np.float32)
+  w32 = as32(w) if w_contracting == 0 else as32(w).T
+
+  out, vjp = jax.vjp(lambda x, w: model_lib._matmul(x, w, w_contracting, jnp.bfloat16), x, w)
+  dx, dw = vjp(grad)
+  assert out.dtype == dx.dtype == dw.dtype == jnp.bfloat16
+  # bfloat16 keeps 8 significant bits: each result is the float32 one, rounded.
+  np.testing.assert_allclose(as32(out), as32(x) @ w32, rtol=2**-8, atol=1e-3)
+  np.testing.assert_allclose(as32(dx), as32(grad) @ w32.T, rtol=2**-8, atol=1e-3)
+  expected_dw = as32(x).reshape(-1, 64).T @ as32(grad).reshape(-1, 40)
+  np.testing.assert_allclose(as32(dw), expected_dw if w_contracting == 0 else expected_dw.T,
+                             rtol=2**-8, atol=1e-3)
+  # float32 operands take plain float32 matmuls.
+  x32, w32_operand = jnp.asarray(as32(x)), jnp.asarray(as32(w))
+  np.testing.assert_array_equal(
+      model_lib._matmul(x32, w32_operand, w_contracting, jnp.float32),
+      jax.lax.dot_general(x32, w32_operand, (((2,), (w_contracting,)), ((), ()))))
 
 
 def test_encoder_padding_does_not_change_real_tokens(relu_model):
