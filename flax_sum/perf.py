@@ -50,8 +50,10 @@ def train_flops_per_example(config: T5Config, source_length: int, target_length:
 
 
 @functools.lru_cache(maxsize=None)
-def measured_matmul_flops(size: int = 1024, repeats: int = 3) -> float:
-  """The best float32 FLOP/s of a jitted square matmul on the default device."""
+def measured_matmul_flops(size: int = 1024, repeats: int = 20) -> float:
+  """The best float32 FLOP/s of a jitted square matmul on the default device. A CPU shared
+  with other work has slow spells; the best of 20 (about 0.2 s at 1024) rides them out,
+  where the best of 3 came out at half the rate once."""
   a = jnp.ones((size, size), jnp.float32)
   matmul = jax.jit(lambda x: x @ x)
   matmul(a).block_until_ready()

@@ -138,7 +138,7 @@ def _dot_generals(hlo_text: str) -> list[tuple[list[list[str]], str]]:
 @pytest.mark.parametrize("tie_word_embeddings", [True, False])
 def test_bfloat16_matmuls_on_cpus_accumulate_into_float32_forward_and_backward(
     tie_word_embeddings):
-  # XLA's CPU backend runs bfloat16-output matmuls 2-4x slower than float32-output ones, so
+  # XLA's CPU backend runs bfloat16-output matmuls 2-6x slower than float32-output ones, so
   # every matmul of a bfloat16 model, in the loss and in its gradient, takes bfloat16 operands
   # and asks for a float32 result.
   assert jax.default_backend() == "cpu"
