@@ -14,10 +14,11 @@ def test_bench_reports_every_part(tmp_path, capsys):
                        "--train_batch_size", "2", "--source_length", "64",
                        "--target_length", "16", "--padding_source_length", "384",
                        "--padding_target_length", "32", "--generate_batch_size", "2",
-                       "--max_new_tokens", "4", "--repeats", "1"])
+                       "--max_new_tokens", "4", "--repeats", "1", "--train_dtype", "bfloat16"])
   assert json.loads(capsys.readouterr().out) == json.loads(json.dumps(report))
   train, padding, generate = report["train"], report["padding"], report["generate"]
   assert train["flax_sum_samples_per_second"] > 0 and train["mfu"] > 0
+  assert train["dtype"] == "bfloat16"  # The padding part stays float32.
   assert "transformers_samples_per_second" not in train
   # Dialogues are far shorter than 384 tokens: the buckets cut most of the padding.
   assert padding["pad_to_max_mean_padded_lengths"] == [384.0, 32.0]
