@@ -228,9 +228,12 @@ def test_directory_without_weights_or_config(tmp_path, monkeypatch):
 
 def test_uncached_hub_id_gives_a_one_line_error(tmp_path, monkeypatch):
   """The Hub client is a local fake that finds nothing cached, as huggingface_hub's
-  `snapshot_download` does offline: only the error mapping is tested, and nothing is fetched."""
+  `snapshot_download` does offline: only the error mapping is tested, and nothing is fetched.
+  The real client stays in offline mode throughout; only the mode the message reports is
+  faked."""
   import huggingface_hub
   from huggingface_hub import errors as hub_errors
+  assert huggingface_hub.constants.HF_HUB_OFFLINE  # conftest's HF_HUB_OFFLINE=1.
   calls = []
 
   def uncached_snapshot_download(model_id, allow_patterns, cache_dir):
@@ -238,11 +241,11 @@ def test_uncached_hub_id_gives_a_one_line_error(tmp_path, monkeypatch):
     raise hub_errors.LocalEntryNotFoundError(f"{model_id} is not in the cache")
 
   monkeypatch.setattr(huggingface_hub, "snapshot_download", uncached_snapshot_download)
-  monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+  monkeypatch.setattr(huggingface_hub, "is_offline_mode", lambda: True)
   with pytest.raises(UserError, match="'owner/uncached-model' is not a local directory and is "
                                       r"not cached \(offline mode, HF_HUB_OFFLINE is set\)"):
     hf_checkpoint.load_pretrained("owner/uncached-model", cache_dir=str(tmp_path))
-  monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+  monkeypatch.setattr(huggingface_hub, "is_offline_mode", lambda: False)
   with pytest.raises(UserError) as error:
     hf_checkpoint.load_pretrained("someone/not-a-real-model")
   message = str(error.value)
@@ -252,6 +255,7 @@ def test_uncached_hub_id_gives_a_one_line_error(tmp_path, monkeypatch):
   assert message.endswith("pass a local directory holding config.json and model.safetensors, "
                           "or download the model once while online")
   assert calls == [("owner/uncached-model", str(tmp_path)), ("someone/not-a-real-model", None)]
+  assert huggingface_hub.constants.HF_HUB_OFFLINE
 
 
 def test_missing_local_path_is_not_taken_for_a_hub_id(tmp_path, monkeypatch):
@@ -318,8 +322,10 @@ def test_the_guard_refuses_hosts_beyond_this_machine(monkeypatch):
   """conftest's guard refuses a lookup or connection beyond this machine before it happens. The
   real socket functions are swapped for recorders first, and the hosts are reserved ones that
   lead nowhere (RFC 6761's .invalid, RFC 5737's documentation network), so a broken guard sends
-  nothing either."""
+  nothing either; without the guard installed, the test stops before calling anything."""
   import conftest
+  assert socket.getaddrinfo is not conftest.real_getaddrinfo
+  assert socket.socket.connect is not conftest.real_connect
   reached = []
   monkeypatch.setattr(conftest, "real_getaddrinfo", lambda *args, **kwargs: reached.append(args))
   monkeypatch.setattr(conftest, "real_connect", lambda sock, address: reached.append(address))
