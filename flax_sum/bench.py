@@ -21,6 +21,7 @@ and are left out without it.
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import json
 import os
@@ -277,29 +278,22 @@ def bench_generate(model_config: T5Config, params: Any,
     torch_inputs = {"input_ids": torch.tensor(np.asarray(input_ids)).long(),
                     "attention_mask": torch.tensor(np.asarray(mask)).long()}
 
-    def run_theirs():
-      with torch.no_grad():
-        tokens["theirs"] = torch_model.generate(
-            **torch_inputs, do_sample=False, num_beams=settings.num_beams,
-            max_length=settings.max_new_tokens + 1, min_length=0,
-            length_penalty=settings.length_penalty, early_stopping=True,
-            no_repeat_ngram_size=settings.no_repeat_ngram_size).numpy()[:, 1:]
+    # float32 as run_summarization runs; bfloat16 weights and compute, as
+    # `model.to(torch.bfloat16)` runs them.
+    torch_models = {"transformers": torch_model,
+                    "transformers_bfloat16": copy.deepcopy(torch_model).to(torch.bfloat16)}
+    for name, side_model in torch_models.items():
 
-    run_theirs()
-    sides["transformers"] = run_theirs
-    # bfloat16 weights and compute, as `model.to(torch.bfloat16)` runs them.
-    torch_model_bfloat16 = _torch_model(model_config, params).eval().to(torch.bfloat16)
+      def run_theirs(name=name, side_model=side_model):
+        with torch.no_grad():
+          tokens[name] = side_model.generate(
+              **torch_inputs, do_sample=False, num_beams=settings.num_beams,
+              max_length=settings.max_new_tokens + 1, min_length=0,
+              length_penalty=settings.length_penalty, early_stopping=True,
+              no_repeat_ngram_size=settings.no_repeat_ngram_size).numpy()[:, 1:]
 
-    def run_theirs_bfloat16():
-      with torch.no_grad():
-        torch_model_bfloat16.generate(
-            **torch_inputs, do_sample=False, num_beams=settings.num_beams,
-            max_length=settings.max_new_tokens + 1, min_length=0,
-            length_penalty=settings.length_penalty, early_stopping=True,
-            no_repeat_ngram_size=settings.no_repeat_ngram_size)
-
-    run_theirs_bfloat16()
-    sides["transformers_bfloat16"] = run_theirs_bfloat16
+      run_theirs()
+      sides[name] = run_theirs
   seconds = _interleaved_best_times(sides, args.repeats)
   for name in ("flax_sum", "flax_sum_bfloat16"):
     result[f"{name}_summaries_per_second"] = round(args.generate_batch_size / seconds[name], 3)
@@ -312,11 +306,11 @@ def bench_generate(model_config: T5Config, params: Any,
       seconds["transformers_bfloat16"] / seconds["flax_sum_bfloat16"], 2)
   result["speedup_bfloat16_vs_transformers_float32"] = round(
       seconds["transformers"] / seconds["flax_sum_bfloat16"], 2)
-  width = min(tokens["theirs"].shape[1], tokens["flax_sum"].shape[1])
+  width = min(tokens["transformers"].shape[1], tokens["flax_sum"].shape[1])
   result["same_tokens"] = bool(
-      (tokens["theirs"][:, :width] == tokens["flax_sum"][:, :width]).all())
+      (tokens["transformers"][:, :width] == tokens["flax_sum"][:, :width]).all())
   result["bfloat16_same_tokens_fraction"] = round(float(
-      (tokens["theirs"][:, :width] == tokens["flax_sum_bfloat16"][:, :width]).mean()), 3)
+      (tokens["transformers"][:, :width] == tokens["flax_sum_bfloat16"][:, :width]).mean()), 3)
   return result
 
 

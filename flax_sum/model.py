@@ -217,14 +217,18 @@ def _narrow_matmuls_are_slow(dtype: Any) -> bool:
   return jnp.dtype(dtype) != jnp.float32 and jax.default_backend() == "cpu"
 
 
+def _plain_matmul(x: Array, w: Array, w_contracting: int, out_dtype: Any) -> Array:
+  """x [..., K] times the matrix w ([K, N], or [N, K] with w_contracting 1), output `out_dtype`."""
+  return jax.lax.dot_general(x, w, (((x.ndim - 1,), (w_contracting,)), ((), ())),
+                             preferred_element_type=out_dtype)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def _float32_accumulated_matmul(x: Array, w: Array, w_contracting: int, out_dtype: Any) -> Array:
-  """x [..., K] times a matrix w ([K, N], or [N, K] with w_contracting 1), over narrow
-  operands with float32 outputs, rounded to `out_dtype`. Its gradients are such matmuls too:
-  differentiating the float32-output matmul itself would multiply the narrow operands by a
-  float32 cotangent, in float32."""
-  return jax.lax.dot_general(x, w, (((x.ndim - 1,), (w_contracting,)), ((), ())),
-                             preferred_element_type=jnp.float32).astype(out_dtype)
+  """`_plain_matmul` over narrow operands with a float32 output, rounded to `out_dtype`. Its
+  gradients are such matmuls too: differentiating the float32-output matmul itself would
+  multiply the narrow operands by a float32 cotangent, in float32."""
+  return _plain_matmul(x, w, w_contracting, jnp.float32).astype(out_dtype)
 
 
 def _float32_accumulated_matmul_fwd(x, w, w_contracting, out_dtype):
@@ -234,8 +238,7 @@ def _float32_accumulated_matmul_fwd(x, w, w_contracting, out_dtype):
 def _float32_accumulated_matmul_bwd(w_contracting, out_dtype, residuals, grad):
   x, w = residuals
   grad = grad.astype(x.dtype)
-  dx = jax.lax.dot_general(grad, w, (((grad.ndim - 1,), (1 - w_contracting,)), ((), ())),
-                           preferred_element_type=jnp.float32)
+  dx = _plain_matmul(grad, w, 1 - w_contracting, jnp.float32)
   rows_x, rows_grad = x.reshape(-1, x.shape[-1]), grad.reshape(-1, grad.shape[-1])
   dw = jax.lax.dot_general(*((rows_x, rows_grad) if w_contracting == 0 else (rows_grad, rows_x)),
                            (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
@@ -250,8 +253,7 @@ def _matmul(x: Array, w: Array, w_contracting: int, out_dtype: Any) -> Array:
   """x [..., K] times the matrix w ([K, N], or [N, K] with w_contracting 1) in `out_dtype`."""
   if _narrow_matmuls_are_slow(x.dtype):
     return _float32_accumulated_matmul(x, w, w_contracting, jnp.dtype(out_dtype))
-  return jax.lax.dot_general(x, w, (((x.ndim - 1,), (w_contracting,)), ((), ())),
-                             preferred_element_type=out_dtype)
+  return _plain_matmul(x, w, w_contracting, out_dtype)
 
 
 def _dense_dot_general(lhs: Array, rhs: Array, dimension_numbers: Any, precision: Any = None,
