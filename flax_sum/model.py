@@ -218,9 +218,17 @@ def _narrow_matmuls_are_slow(dtype: Any) -> bool:
 
 
 def _plain_matmul(x: Array, w: Array, w_contracting: int, out_dtype: Any) -> Array:
-  """x [..., K] times the matrix w ([K, N], or [N, K] with w_contracting 1), output `out_dtype`."""
-  return jax.lax.dot_general(x, w, (((x.ndim - 1,), (w_contracting,)), ((), ())),
-                             preferred_element_type=out_dtype)
+  """x [..., K] times the matrix w ([K, N], or [N, K] with w_contracting 1), output `out_dtype`.
+
+  x is flattened to rows first. The weight gradient of a matmul over [batch, length, K]
+  contracts two axes, and XLA's CPU backend lowers such a dot by writing the cotangent out
+  transposed (31 ms for each t5-small feed-forward layer at batch 8 x 256 tokens); over rows
+  it contracts one axis in place.
+  """
+  rows = x.reshape(-1, x.shape[-1])
+  out = jax.lax.dot_general(rows, w, (((1,), (w_contracting,)), ((), ())),
+                            preferred_element_type=out_dtype)
+  return out.reshape(*x.shape[:-1], out.shape[-1])
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
