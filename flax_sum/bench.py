@@ -16,6 +16,10 @@ and are left out without it.
   whether the tokens are identical.
 - padding: our training with length buckets vs padding every batch to the max lengths, on
   long-tailed lengths (DialogSum under max_source_length 1024).
+
+The train and generate parts also time `matmuls_only`: the model's matmuls alone at the same
+shapes (`perf.matmuls_only_train_step`, `perf.matmuls_only_generate`), the floor of any
+implementation built from XLA's matmuls on this device.
 """
 
 from __future__ import annotations
@@ -135,6 +139,21 @@ def _flax_trainer(model_config: T5Config, params: Any,
   return lambda: run(batches), warmup_seconds
 
 
+def _matmuls_only_trainer(model_config: T5Config,
+                          batches: list[dict[str, np.ndarray]]) -> Callable[[], None]:
+  """A function that runs, for each of `batches`, the gradient of a network made only of the
+  train step's matmuls at its shape (`perf.matmuls_only_train_step`), compiled first."""
+  def shape(batch):  # (batch size, source length, target length)
+    return (*batch["input_ids"].shape[-2:], batch["labels"].shape[-1])
+
+  programs = {}
+  for batch in batches:
+    if shape(batch) not in programs:
+      programs[shape(batch)] = perf.matmuls_only_train_step(model_config, *shape(batch))
+      programs[shape(batch)].run()
+  return lambda: [programs[shape(batch)].run() for batch in batches]
+
+
 def _torch_trainer(torch, model_config: T5Config, params: Any,
                    batches: list[dict[str, np.ndarray]]) -> tuple[Callable[[], None], list[float]]:
   """A function that trains transformers' PyTorch T5 over `batches` the way
@@ -193,7 +212,7 @@ def bench_train(model_config: T5Config, params: Any, args: argparse.Namespace) -
                                                        args.length_buckets)
   batches = _flax_batches(arrays, batch_size, buckets)
   train_ours, warmup_s = _flax_trainer(model_config, params, batches)
-  sides = {"flax_sum": train_ours}
+  sides = {"flax_sum": train_ours, "matmuls_only": _matmuls_only_trainer(model_config, batches)}
   torch = None if args.skip_torch else _torch()
   if torch is not None:
     sides["transformers"], torch_widths = _torch_trainer(
@@ -212,11 +231,15 @@ def bench_train(model_config: T5Config, params: Any, args: argparse.Namespace) -
       "model_flops_per_second": round(step_flops / ours_s / 1e9, 2) * 1e9,
       "peak_flops_per_second": round(peak / 1e9, 2) * 1e9, "peak_source": peak_source,
       "mfu": round(step_flops / ours_s / peak, 3) if peak else None,
+      "matmuls_only_samples_per_second": round(num_steps * batch_size / seconds["matmuls_only"],
+                                               3),
+      "matmuls_only_mfu": round(step_flops / seconds["matmuls_only"] / peak, 3) if peak else None,
   }
   if torch is not None:
     theirs_s = seconds["transformers"]
     result["transformers_samples_per_second"] = round(num_steps * batch_size / theirs_s, 3)
     result["speedup"] = round(theirs_s / ours_s, 2)
+    result["matmuls_only_speedup"] = round(theirs_s / seconds["matmuls_only"], 2)
     result["transformers_mean_padded_lengths"] = torch_widths
     result["torch_threads"] = torch.get_num_threads()
   return result
@@ -272,6 +295,11 @@ def bench_generate(model_config: T5Config, params: Any,
 
     result[f"{name}_first_call_seconds"] = round(_timed(run_ours), 2)
     sides[name] = run_ours
+  matmuls_only = perf.matmuls_only_generate(model_config, args.generate_batch_size,
+                                            input_ids.shape[-1], settings.num_beams,
+                                            settings.max_new_tokens)
+  matmuls_only.run()
+  sides["matmuls_only"] = matmuls_only.run
   torch = None if args.skip_torch else _torch()
   if torch is not None:
     torch_model = _torch_model(model_config, params).eval()
@@ -295,13 +323,14 @@ def bench_generate(model_config: T5Config, params: Any,
       run_theirs()
       sides[name] = run_theirs
   seconds = _interleaved_best_times(sides, args.repeats)
-  for name in ("flax_sum", "flax_sum_bfloat16"):
+  for name in ("flax_sum", "flax_sum_bfloat16", "matmuls_only"):
     result[f"{name}_summaries_per_second"] = round(args.generate_batch_size / seconds[name], 3)
   if torch is None:
     return result
   for name in ("transformers", "transformers_bfloat16"):
     result[f"{name}_summaries_per_second"] = round(args.generate_batch_size / seconds[name], 3)
   result["speedup"] = round(seconds["transformers"] / seconds["flax_sum"], 2)
+  result["matmuls_only_speedup"] = round(seconds["transformers"] / seconds["matmuls_only"], 2)
   result["speedup_bfloat16"] = round(
       seconds["transformers_bfloat16"] / seconds["flax_sum_bfloat16"], 2)
   result["speedup_bfloat16_vs_transformers_float32"] = round(

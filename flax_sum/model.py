@@ -206,7 +206,7 @@ def _normal_init(config: T5Config, module_name: str) -> nn.initializers.Initiali
   return nn.initializers.normal(stddev=init_stddev(config, module_name))
 
 
-def _narrow_matmuls_are_slow(dtype: Any) -> bool:
+def narrow_matmuls_are_slow(dtype: Any) -> bool:
   """Whether matmuls over half-precision `dtype` operands should ask for float32 outputs.
 
   XLA's CPU backend runs a matmul with a bfloat16 output 2-6x slower than the same matmul with
@@ -257,18 +257,18 @@ _float32_accumulated_matmul.defvjp(_float32_accumulated_matmul_fwd,
                                    _float32_accumulated_matmul_bwd)
 
 
-def _matmul(x: Array, w: Array, w_contracting: int, out_dtype: Any) -> Array:
+def matmul(x: Array, w: Array, w_contracting: int, out_dtype: Any) -> Array:
   """x [..., K] times the matrix w ([K, N], or [N, K] with w_contracting 1) in `out_dtype`."""
-  if _narrow_matmuls_are_slow(x.dtype):
+  if narrow_matmuls_are_slow(x.dtype):
     return _float32_accumulated_matmul(x, w, w_contracting, jnp.dtype(out_dtype))
   return _plain_matmul(x, w, w_contracting, out_dtype)
 
 
 def _dense_dot_general(lhs: Array, rhs: Array, dimension_numbers: Any, precision: Any = None,
                        preferred_element_type: Any = None) -> Array:
-  """nn.Dense's matmul (x [..., K] times the kernel [K, N]) through `_matmul`."""
+  """nn.Dense's matmul (x [..., K] times the kernel [K, N]) through `matmul`."""
   del dimension_numbers, precision  # Always Dense's: the last axis of x with the kernel's first.
-  return _matmul(lhs, rhs, 0, preferred_element_type or lhs.dtype)
+  return matmul(lhs, rhs, 0, preferred_element_type or lhs.dtype)
 
 
 def _dense(config: T5Config, features: int, name: str) -> nn.Dense:
@@ -516,7 +516,7 @@ class T5Attention(nn.Module):
     out = jnp.einsum("bhmk,bhkd->bhmd",
                      probs.astype(cfg.dtype).reshape(rows, cfg.num_heads, -1, kv_length),
                      value.astype(cfg.dtype),
-                     preferred_element_type=jnp.float32 if _narrow_matmuls_are_slow(cfg.dtype)
+                     preferred_element_type=jnp.float32 if narrow_matmuls_are_slow(cfg.dtype)
                      else None).astype(cfg.dtype)
     # [rows, heads, group, query, d_kv] -> [rows * group, query, heads * d_kv]
     out = out.reshape(rows, cfg.num_heads, group, length, cfg.d_kv).transpose(0, 2, 3, 1, 4)
@@ -642,7 +642,7 @@ class LMHead(nn.Module):
     cfg = self.config
     kernel = self.param("kernel", _normal_init(cfg, "lm_head"), (cfg.d_model, cfg.vocab_size),
                         jnp.float32)
-    return _matmul(x, kernel.astype(cfg.dtype), 0, jnp.float32)
+    return matmul(x, kernel.astype(cfg.dtype), 0, jnp.float32)
 
 
 class T5(nn.Module):
@@ -702,7 +702,7 @@ class T5(nn.Module):
                           preferred_element_type=jnp.float32)
       return jnp.transpose(logits, (1, 2, 0))
     if cfg.tie_word_embeddings:
-      return _matmul(x, self.shared.embedding.astype(cfg.dtype), 1, jnp.float32)
+      return matmul(x, self.shared.embedding.astype(cfg.dtype), 1, jnp.float32)
     return self.lm_head(x)
 
 

@@ -4,17 +4,24 @@ MFU counts the FLOPs the model needs (the matmuls of a forward and backward pass
 padded batch), not what the compiler happened to execute, divided by the time taken and the
 devices' peak: the published dense bf16 peak for GPUs and TPUs, and on CPUs the measured
 float32 matmul rate of this machine (CPUs publish no comparable number).
+
+The `matmuls_only_*` programs run exactly the model's matmuls at a given shape and nothing
+else, so their time on a device is the floor of a train step or a beam search built from the
+same XLA matmuls there: how far the trainer is from it, and which speed targets it allows.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import time
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 
+from flax_sum import model as model_lib
 from flax_sum.model import T5Config
 
 # Dense bfloat16 peak FLOP/s per device, by `device_kind` prefix (vendor data sheets).
@@ -47,6 +54,186 @@ def forward_flops_per_example(config: T5Config, source_length: int, target_lengt
 def train_flops_per_example(config: T5Config, source_length: int, target_length: int) -> int:
   """Forward plus backward (twice the forward: gradients for activations and for weights)."""
   return 3 * forward_flops_per_example(config, source_length, target_length)
+
+
+@dataclasses.dataclass(frozen=True)
+class MatmulsOnly:
+  """A jitted program and its arguments; `run()` calls it and waits for the result."""
+  fn: Callable[..., Any]
+  args: tuple[Any, ...]
+
+  def run(self) -> None:
+    jax.block_until_ready(self.fn(*self.args))
+
+
+def _matmuls_only_weights(config: T5Config, rng: jax.Array) -> dict[str, Any]:
+  """Random weights with the shapes of every matrix the model multiplies by, one dict per
+  layer (slicing stacked layers would copy every weight at every step)."""
+  d, inner, ff = config.d_model, config.num_heads * config.d_kv, config.d_ff
+  shapes = {"q": (d, inner), "k": (d, inner), "v": (d, inner), "o": (inner, d), "wo": (ff, d)}
+  shapes.update({"wi_0": (d, ff), "wi_1": (d, ff)} if config.is_gated_act else {"wi": (d, ff)})
+  decoder_shapes = dict(shapes, **{"cross_" + name: shapes[name] for name in "qkvo"})
+  num_decoder_layers = config.num_decoder_layers or config.num_layers
+  shapes = {"encoder": [shapes] * config.num_layers,
+            "decoder": [decoder_shapes] * num_decoder_layers,
+            "output_embedding": (config.vocab_size, d)}
+  leaves, treedef = jax.tree.flatten(shapes, is_leaf=lambda x: isinstance(x, tuple))
+  keys = jax.random.split(rng, len(leaves))
+  return jax.tree.unflatten(treedef, [0.02 * jax.random.normal(key, shape, jnp.float32)
+                                      for key, shape in zip(keys, leaves)])
+
+
+def _weight_matmul(config: T5Config, x: jax.Array, w: jax.Array) -> jax.Array:
+  return model_lib.matmul(x, w.astype(config.dtype), 0, config.dtype)
+
+
+def _split_heads(config: T5Config, t: jax.Array) -> jax.Array:
+  """[inputs, length, heads * d_kv] -> [inputs, heads, length, d_kv]."""
+  return jnp.swapaxes(t.reshape(t.shape[:2] + (config.num_heads, config.d_kv)), 1, 2)
+
+
+def _attention_matmuls(config: T5Config, query: jax.Array, key: jax.Array, value: jax.Array,
+                       key_transposed: bool = False) -> jax.Array:
+  """The two matmuls of attention, without the softmax: query [inputs, group * length, inner] (the
+  `group` rows that share an input's keys, as beams do) against heads-major key [inputs,
+  heads, kv_length, d_kv] ([inputs, heads, d_kv, kv_length] if `key_transposed`, as decoding
+  caches it) and value [inputs, heads, kv_length, d_kv]."""
+  accumulate = jnp.float32 if model_lib.narrow_matmuls_are_slow(config.dtype) else None
+  scores = jnp.einsum("bhmd,bhdk->bhmk" if key_transposed else "bhmd,bhkd->bhmk",
+                      _split_heads(config, query), key,
+                      preferred_element_type=accumulate).astype(config.dtype)
+  # relu where the model has its softmax: one element-wise pass over the scores, as there.
+  out = jnp.einsum("bhmk,bhkd->bhmd", jax.nn.relu(scores), value,
+                   preferred_element_type=accumulate).astype(config.dtype)
+  return jnp.swapaxes(out, 1, 2).reshape(query.shape)
+
+
+def _feed_forward_matmuls(config: T5Config, layer: dict[str, Any], x: jax.Array) -> jax.Array:
+  up = lambda name: _weight_matmul(config, x, layer[name])
+  h = jax.nn.relu(up("wi_0")) * up("wi_1") if config.is_gated_act else jax.nn.relu(up("wi"))
+  return _weight_matmul(config, h, layer["wo"])
+
+
+def _encoder_matmuls(config: T5Config, weights: dict[str, Any], x: jax.Array) -> jax.Array:
+  for index in range(config.num_layers):
+    layer = weights["encoder"][index]
+    key, value = (_split_heads(config, _weight_matmul(config, x, layer[name])) for name in "kv")
+    attended = _attention_matmuls(config, _weight_matmul(config, x, layer["q"]), key, value)
+    x = x + _weight_matmul(config, attended, layer["o"])
+    x = x + _feed_forward_matmuls(config, layer, x)
+  return x
+
+
+def _decoder_layer_matmuls(config: T5Config, layer: dict[str, Any], x: jax.Array,
+                           self_key_value: tuple[jax.Array, jax.Array],
+                           cross_key_value: tuple[jax.Array, jax.Array],
+                           key_transposed: bool = False) -> jax.Array:
+  """x [rows, length, d_model] through one decoder layer's matmuls, given heads-major keys
+  and values (see `_attention_matmuls`)."""
+  for prefix, (key, value) in (("", self_key_value), ("cross_", cross_key_value)):
+    query = _weight_matmul(config, x.reshape(key.shape[0], -1, x.shape[-1]), layer[prefix + "q"])
+    attended = _attention_matmuls(config, query, key, value, key_transposed)
+    x = x + _weight_matmul(config, attended, layer[prefix + "o"]).reshape(x.shape)
+  return x + _feed_forward_matmuls(config, layer, x)
+
+
+def matmuls_only_train_step(config: T5Config, batch_size: int, source_length: int,
+                            target_length: int) -> MatmulsOnly:
+  """The loss and gradient, for weights and inputs, of a network made of exactly the matmuls
+  that `train_flops_per_example` counts, with relu and residual adds between them and nothing
+  else: no softmax, norms, dropout, cross-entropy or optimizer. On a device, its time is what
+  no train step built from the same XLA matmuls can beat (the ceiling of MFU and speedups)."""
+  rngs = jax.random.split(jax.random.key(0), 4)
+  weights = _matmuls_only_weights(config, rngs[0])
+  source = jax.random.normal(rngs[1], (batch_size, source_length, config.d_model), config.dtype)
+  target = jax.random.normal(rngs[2], (batch_size, target_length, config.d_model), config.dtype)
+  logits_cotangent = jax.random.normal(rngs[3], (batch_size, target_length, config.vocab_size))
+
+  def loss(weights, source, target):
+    encoded = _encoder_matmuls(config, weights, source)
+    x = target
+    for index in range(config.num_decoder_layers or config.num_layers):
+      layer = weights["decoder"][index]
+      heads = lambda source, name: _split_heads(config, _weight_matmul(config, source, layer[name]))
+      self_kv = (heads(x, "k"), heads(x, "v"))
+      cross_kv = (heads(encoded, "cross_k"), heads(encoded, "cross_v"))
+      x = _decoder_layer_matmuls(config, layer, x, self_kv, cross_kv)
+    logits = model_lib.matmul(x, weights["output_embedding"].astype(config.dtype), 1,
+                              jnp.float32)
+    return jnp.sum(logits * logits_cotangent)  # Not a constant: XLA would fold the matmul.
+
+  # The loss too: with only the gradient asked for, the forward output layer is dead code.
+  return MatmulsOnly(jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2))),
+                     (weights, source, target))
+
+
+def matmuls_only_decoding_step(config: T5Config, batch_size: int, rows_per_input: int,
+                               source_length: int, cache_length: int) -> MatmulsOnly:
+  """One decoding step's matmuls for batch_size * rows_per_input rows (the beams): each row's
+  projections, whose key/value go into the cache at a given position, attention to the row's
+  `cache_length` cached tokens and to its input's `source_length` encoder keys/values (all
+  cached heads-major, keys transposed, as flax-sum's decoder caches them), the feed-forward
+  blocks and the output layer. Takes (weights, x, self_cache, cross_cache, position) and
+  returns the next x (which depends on the logits' maximum) and the self-attention cache."""
+  rows = batch_size * rows_per_input
+  rngs = jax.random.split(jax.random.key(0), 3)
+  weights = _matmuls_only_weights(config, rngs[0])
+  layers, heads, d_kv = (config.num_decoder_layers or config.num_layers, config.num_heads,
+                         config.d_kv)
+
+  # Per layer: keys [inputs, heads, d_kv, length] and values [inputs, heads, length, d_kv].
+  def cache(rng, inputs, length):
+    key_rng, value_rng = jax.random.split(rng)
+    return (jax.random.normal(key_rng, (inputs, heads, d_kv, length), config.dtype),
+            jax.random.normal(value_rng, (inputs, heads, length, d_kv), config.dtype))
+
+  self_cache = [cache(rng, rows, cache_length) for rng in jax.random.split(rngs[1], layers)]
+  cross_cache = [cache(rng, batch_size, source_length)
+                 for rng in jax.random.split(rngs[2], layers)]
+
+  def step(weights, x, self_cache, cross_cache, position):
+    updated = []
+    for layer, (keys, values), cross in zip(weights["decoder"], self_cache, cross_cache):
+      key, value = (_weight_matmul(config, x, layer[name]) for name in "kv")
+      keys = jax.lax.dynamic_update_slice(keys, key.reshape(rows, heads, d_kv, 1),
+                                          (0, 0, 0, position))
+      values = jax.lax.dynamic_update_slice(values, value.reshape(rows, heads, 1, d_kv),
+                                            (0, 0, position, 0))
+      updated.append((keys, values))
+      x = _decoder_layer_matmuls(config, layer, x[:, None], (keys, values), cross,
+                                 key_transposed=True)[:, 0]
+    logits = jnp.einsum("vd,bd->bv", weights["output_embedding"].astype(config.dtype), x,
+                        preferred_element_type=jnp.float32)
+    return x + jnp.max(logits, axis=-1, keepdims=True).astype(x.dtype), updated
+
+  x = jnp.zeros((rows, config.d_model), config.dtype)
+  return MatmulsOnly(jax.jit(step), (weights, x, self_cache, cross_cache, cache_length - 1))
+
+
+def matmuls_only_generate(config: T5Config, batch_size: int, source_length: int,
+                          num_beams: int, max_new_tokens: int) -> MatmulsOnly:
+  """Beam search's matmuls: the encoder forward, the decoder's cross-attention keys/values,
+  then `max_new_tokens` decoding steps (`matmuls_only_decoding_step`) of batch_size * num_beams
+  rows over a cache of max_new_tokens positions."""
+  single = matmuls_only_decoding_step(config, batch_size, num_beams, source_length,
+                                      max_new_tokens)
+  weights, x, self_cache = single.args[:3]
+  source = jax.random.normal(jax.random.key(1), (batch_size, source_length, config.d_model),
+                             config.dtype)
+  layers = config.num_decoder_layers or config.num_layers
+
+  def generate(weights, x, self_cache, source):
+    encoded = _encoder_matmuls(config, weights, source)
+    projected = lambda layer, name: _split_heads(config, _weight_matmul(config, encoded,
+                                                                       layer[name]))
+    cross_cache = [(jnp.swapaxes(projected(layer, "cross_k"), 2, 3), projected(layer, "cross_v"))
+                   for layer in weights["decoder"]]
+    return jax.lax.fori_loop(
+        0, max_new_tokens,
+        lambda position, carry: single.fn(weights, *carry, cross_cache, position),
+        (x, self_cache))
+
+  return MatmulsOnly(jax.jit(generate), (weights, x, self_cache, source))
 
 
 @functools.lru_cache(maxsize=None)

@@ -18,6 +18,7 @@ def test_bench_reports_every_part(tmp_path, capsys):
   assert json.loads(capsys.readouterr().out) == json.loads(json.dumps(report))
   train, padding, generate = report["train"], report["padding"], report["generate"]
   assert train["flax_sum_samples_per_second"] > 0 and train["mfu"] > 0
+  assert train["matmuls_only_samples_per_second"] > 0 and train["matmuls_only_mfu"] > 0
   assert train["dtype"] == "bfloat16"  # The padding part stays float32.
   assert "transformers_samples_per_second" not in train
   # Dialogues are far shorter than 384 tokens: the buckets cut most of the padding.
@@ -25,4 +26,5 @@ def test_bench_reports_every_part(tmp_path, capsys):
   assert padding["length_buckets_mean_padded_lengths"][0] <= 288
   assert padding["speedup"] > 0
   assert generate["flax_sum_summaries_per_second"] > 0
+  assert generate["matmuls_only_summaries_per_second"] > 0
   assert generate["settings"]["num_beams"] == 4

@@ -199,7 +199,7 @@ def test_the_float32_accumulated_matmul_and_its_gradients_match_float32_math(w_c
   as32 = lambda t: np.asarray(t, np.float32)
   w32 = as32(w) if w_contracting == 0 else as32(w).T
 
-  out, vjp = jax.vjp(lambda x, w: model_lib._matmul(x, w, w_contracting, jnp.bfloat16), x, w)
+  out, vjp = jax.vjp(lambda x, w: model_lib.matmul(x, w, w_contracting, jnp.bfloat16), x, w)
   dx, dw = vjp(grad)
   assert out.dtype == dx.dtype == dw.dtype == jnp.bfloat16
   # bfloat16 keeps 8 significant bits: each result is the float32 one, rounded.
@@ -211,7 +211,7 @@ def test_the_float32_accumulated_matmul_and_its_gradients_match_float32_math(w_c
   # float32 operands take plain float32 matmuls.
   x32, w32_operand = jnp.asarray(as32(x)), jnp.asarray(as32(w))
   np.testing.assert_array_equal(
-      model_lib._matmul(x32, w32_operand, w_contracting, jnp.float32),
+      model_lib.matmul(x32, w32_operand, w_contracting, jnp.float32),
       jax.lax.dot_general(x32, w32_operand, (((2,), (w_contracting,)), ((), ()))))
 
 

@@ -34,6 +34,34 @@ def test_model_flops_agree_with_xla_cost_analysis(feed_forward_proj):
   assert 0.95 < train_ratio < 1.05
 
 
+@pytest.mark.parametrize("feed_forward_proj", ["relu", "gated-gelu"])
+def test_matmuls_only_programs_do_the_model_matmuls_and_little_else(feed_forward_proj):
+  config = T5Config(vocab_size=3000, d_model=128, d_kv=32, d_ff=512, num_layers=2,
+                    num_decoder_layers=3, num_heads=4, feed_forward_proj=feed_forward_proj,
+                    tie_word_embeddings=False)
+  batch, source_length, target_length, beams, cache_length = 2, 96, 24, 4, 10
+  program_flops = lambda program: _xla_flops(program.fn, *program.args)
+
+  train = perf.matmuls_only_train_step(config, batch, source_length, target_length)
+  assert program_flops(train) == pytest.approx(
+      batch * perf.train_flops_per_example(config, source_length, target_length), rel=0.01)
+
+  d, inner = config.d_model, config.num_heads * config.d_kv
+  feed_forward = (3 if config.is_gated_act else 2) * d * config.d_ff
+  # Per beam and decoder layer: q, k, v, o and cross-attention's q, o; the attention over the
+  # cache and over the source; the feed-forward block. Then the output layer.
+  step_flops = 2 * batch * beams * (
+      3 * (6 * d * inner + 2 * cache_length * inner + 2 * source_length * inner + feed_forward)
+      + d * config.vocab_size)
+  step = perf.matmuls_only_decoding_step(config, batch, beams, source_length, cache_length)
+  assert program_flops(step) == pytest.approx(step_flops, rel=0.01)
+  # XLA counts a loop's body once: the encoder, the cross-attention keys/values, one step.
+  encoder_flops = 2 * batch * source_length * (
+      2 * (4 * d * inner + 2 * source_length * inner + feed_forward) + 3 * 2 * d * inner)
+  generate = perf.matmuls_only_generate(config, batch, source_length, beams, cache_length)
+  assert program_flops(generate) == pytest.approx(encoder_flops + step_flops, rel=0.01)
+
+
 def test_peak_flops_on_cpu_is_the_measured_matmul_rate_shared_by_devices():
   peak, source = perf.peak_flops_per_device(jax.devices()[0])
   assert source == "measured float32 matmul rate of this CPU"
