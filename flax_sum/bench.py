@@ -141,8 +141,8 @@ def _flax_trainer(model_config: T5Config, params: Any,
 
 def _matmuls_only_trainer(model_config: T5Config,
                           batches: list[dict[str, np.ndarray]]) -> Callable[[], None]:
-  """A function that runs, for each of `batches`, the gradient of a network made only of the
-  train step's matmuls at its shape (`perf.matmuls_only_train_step`), compiled first."""
+  """A function that runs, for each of `batches`, the loss and gradient of a network made only
+  of the train step's matmuls at its shape (`perf.matmuls_only_train_step`), compiled first."""
   def shape(batch):  # (batch size, source length, target length)
     return (*batch["input_ids"].shape[-2:], batch["labels"].shape[-1])
 
