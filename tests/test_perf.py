@@ -51,13 +51,14 @@ def test_matmuls_only_programs_do_the_model_matmuls_and_little_else(feed_forward
   # Per beam and decoder layer: q, k, v, o and cross-attention's q, o; the attention over the
   # cache and over the source; the feed-forward block. Then the output layer.
   step_flops = 2 * batch * beams * (
-      3 * (6 * d * inner + 2 * cache_length * inner + 2 * source_length * inner + feed_forward)
+      config.num_decoder_layers * (6 * d * inner + 2 * cache_length * inner + 2 * source_length * inner + feed_forward)
       + d * config.vocab_size)
   step = perf.matmuls_only_decoding_step(config, batch, beams, source_length, cache_length)
   assert program_flops(step) == pytest.approx(step_flops, rel=0.01)
   # XLA counts a loop's body once: the encoder, the cross-attention keys/values, one step.
   encoder_flops = 2 * batch * source_length * (
-      2 * (4 * d * inner + 2 * source_length * inner + feed_forward) + 3 * 2 * d * inner)
+      config.num_layers * (4 * d * inner + 2 * source_length * inner + feed_forward)
+      + config.num_decoder_layers * 2 * d * inner)
   generate = perf.matmuls_only_generate(config, batch, source_length, beams, cache_length)
   assert program_flops(generate) == pytest.approx(encoder_flops + step_flops, rel=0.01)
 
