@@ -1,8 +1,8 @@
 """Tests run on 8 simulated CPU devices; the flag must be set before jax is imported.
 
-They use local files only: the Hub is offline, and a name lookup or connection beyond this machine
-fails the test that makes it (the fake Hub of test_hub.py and the multi-host coordinator listen
-on 127.0.0.1).
+They use local files only: the Hub is offline, its download functions refuse, and a name lookup
+or connection beyond this machine fails the test that makes it (the fake Hub of test_hub.py and
+the multi-host coordinator listen on 127.0.0.1).
 """
 
 import os
@@ -44,3 +44,16 @@ def no_network(monkeypatch):
 
   monkeypatch.setattr(socket.socket, "connect", connect)
   monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+
+
+@pytest.fixture(autouse=True)
+def no_hub_downloads(monkeypatch):
+  """Makes huggingface_hub's download functions refuse, whatever the offline mode: flax-sum
+  downloads through them, and a test of that code replaces them with a local fake."""
+  import huggingface_hub
+
+  def refuse(repo_id, *args, **kwargs):
+    raise OSError(f"tests use local files only: refused to download {repo_id!r} from the Hub")
+
+  for name in ("snapshot_download", "hf_hub_download"):
+    monkeypatch.setattr(huggingface_hub, name, refuse)

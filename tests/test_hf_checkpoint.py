@@ -318,6 +318,13 @@ def test_tokenizer_is_saved_alongside(tmp_path):
   assert metadata == {"format": "pt"}
 
 
+def test_the_guard_refuses_hub_downloads():
+  # Without a local fake, a Hub id fails before huggingface_hub looks at the cache or the network.
+  with pytest.raises(UserError, match=r"^cannot download model 'owner/model' from the Hub: tests "
+                                      r"use local files only: refused to download 'owner/model'"):
+    hf_checkpoint.resolve_model_dir("owner/model")
+
+
 def test_the_guard_refuses_hosts_beyond_this_machine(monkeypatch):
   """conftest's guard refuses a lookup or connection beyond this machine before it happens. The
   real socket functions are swapped for recorders first, and the hosts are reserved ones that
