@@ -264,6 +264,18 @@ def matmul(x: Array, w: Array, w_contracting: int, out_dtype: Any) -> Array:
   return _plain_matmul(x, w, w_contracting, out_dtype)
 
 
+def accumulating_einsum(spec: str, a: Array, b: Array, dtype: Any) -> Array:
+  """`jnp.einsum` over `dtype` operands with a `dtype` result, accumulated in float32 where
+  narrow outputs are slow (see `narrow_matmuls_are_slow`)."""
+  accumulate = jnp.float32 if narrow_matmuls_are_slow(dtype) else None
+  return jnp.einsum(spec, a, b, preferred_element_type=accumulate).astype(dtype)
+
+
+def split_heads(config: T5Config, t: Array) -> Array:
+  """[rows, length, heads * d_kv] -> heads-major [rows, heads, length, d_kv]."""
+  return jnp.swapaxes(t.reshape(t.shape[:2] + (config.num_heads, config.d_kv)), 1, 2)
+
+
 def _dense_dot_general(lhs: Array, rhs: Array, dimension_numbers: Any, precision: Any = None,
                        preferred_element_type: Any = None) -> Array:
   """nn.Dense's matmul (x [..., K] times the kernel [K, N]) through `matmul`."""
@@ -454,9 +466,8 @@ class T5Attention(nn.Module):
     batch, length = x.shape[:2]
     # Heads-major [batch, heads, length, d_kv]: the layout of the attention matmuls and of the
     # cache, so that a decoding step does not transpose the cached keys/values.
-    split_heads = lambda t: jnp.swapaxes(
-        t.reshape(t.shape[:2] + (cfg.num_heads, cfg.d_kv)), 1, 2)
-    query = split_heads(_dense(cfg, cfg.num_heads * cfg.d_kv, "q")(x))
+    heads_major = functools.partial(split_heads, cfg)
+    query = heads_major(_dense(cfg, cfg.num_heads * cfg.d_kv, "q")(x))
     project_key = _dense(cfg, cfg.num_heads * cfg.d_kv, "k")
     project_value = _dense(cfg, cfg.num_heads * cfg.d_kv, "v")
     query_offset = 0
@@ -471,8 +482,8 @@ class T5Attention(nn.Module):
         key = self.get_variable("cache", "cached_key")
         value = self.get_variable("cache", "cached_value")
       else:
-        key = split_heads(project_key(kv_source))
-        value = split_heads(project_value(kv_source))
+        key = heads_major(project_key(kv_source))
+        value = heads_major(project_value(kv_source))
         if decode:
           key = jnp.swapaxes(key, 2, 3)
           self.variable("cache", "cached_key", lambda: key)
@@ -484,8 +495,8 @@ class T5Attention(nn.Module):
       key_transposed = True
       keys_per_position = rows_per_input
     else:
-      key = split_heads(project_key(x))
-      value = split_heads(project_value(x))
+      key = heads_major(project_key(x))
+      value = heads_major(project_value(x))
       if decode:  # Creates the cache, sized by this full-length call.
         self._create_self_attention_cache(batch, length, rows_per_input, key.dtype)
 
@@ -513,11 +524,9 @@ class T5Attention(nn.Module):
       scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1)
     probs = Dropout(cfg.dropout_rate)(probs, deterministic=deterministic)
-    out = jnp.einsum("bhmk,bhkd->bhmd",
-                     probs.astype(cfg.dtype).reshape(rows, cfg.num_heads, -1, kv_length),
-                     value.astype(cfg.dtype),
-                     preferred_element_type=jnp.float32 if narrow_matmuls_are_slow(cfg.dtype)
-                     else None).astype(cfg.dtype)
+    out = accumulating_einsum(
+        "bhmk,bhkd->bhmd", probs.astype(cfg.dtype).reshape(rows, cfg.num_heads, -1, kv_length),
+        value.astype(cfg.dtype), cfg.dtype)
     # [rows, heads, group, query, d_kv] -> [rows * group, query, heads * d_kv]
     out = out.reshape(rows, cfg.num_heads, group, length, cfg.d_kv).transpose(0, 2, 3, 1, 4)
     out = out.reshape(batch, length, cfg.num_heads * cfg.d_kv)

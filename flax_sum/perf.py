@@ -43,10 +43,9 @@ def forward_flops_per_example(config: T5Config, source_length: int, target_lengt
                    + 2 * d * inner + 2 * source_length * inner  # cross-attention q, o, scores
                    + ff_macs)
   cross_key_values = 2 * d * inner  # per source token and decoder layer
-  num_decoder_layers = config.num_decoder_layers or config.num_layers
   macs = (source_length * config.num_layers * encoder_token
-          + target_length * num_decoder_layers * decoder_token
-          + source_length * num_decoder_layers * cross_key_values
+          + target_length * config.num_decoder_layers * decoder_token
+          + source_length * config.num_decoder_layers * cross_key_values
           + target_length * d * config.vocab_size)
   return 2 * macs
 
@@ -73,9 +72,8 @@ def _matmuls_only_weights(config: T5Config, rng: jax.Array) -> dict[str, Any]:
   shapes = {"q": (d, inner), "k": (d, inner), "v": (d, inner), "o": (inner, d), "wo": (ff, d)}
   shapes.update({"wi_0": (d, ff), "wi_1": (d, ff)} if config.is_gated_act else {"wi": (d, ff)})
   decoder_shapes = dict(shapes, **{"cross_" + name: shapes[name] for name in "qkvo"})
-  num_decoder_layers = config.num_decoder_layers or config.num_layers
   shapes = {"encoder": [shapes] * config.num_layers,
-            "decoder": [decoder_shapes] * num_decoder_layers,
+            "decoder": [decoder_shapes] * config.num_decoder_layers,
             "output_embedding": (config.vocab_size, d)}
   leaves, treedef = jax.tree.flatten(shapes, is_leaf=lambda x: isinstance(x, tuple))
   keys = jax.random.split(rng, len(leaves))
@@ -87,24 +85,23 @@ def _weight_matmul(config: T5Config, x: jax.Array, w: jax.Array) -> jax.Array:
   return model_lib.matmul(x, w.astype(config.dtype), 0, config.dtype)
 
 
-def _split_heads(config: T5Config, t: jax.Array) -> jax.Array:
-  """[inputs, length, heads * d_kv] -> [inputs, heads, length, d_kv]."""
-  return jnp.swapaxes(t.reshape(t.shape[:2] + (config.num_heads, config.d_kv)), 1, 2)
+def _heads(config: T5Config, x: jax.Array, w: jax.Array) -> jax.Array:
+  """The projection x w ([inputs, length, heads * d_kv]) split heads-major."""
+  return model_lib.split_heads(config, _weight_matmul(config, x, w))
 
 
 def _attention_matmuls(config: T5Config, query: jax.Array, key: jax.Array, value: jax.Array,
                        key_transposed: bool = False) -> jax.Array:
-  """The two matmuls of attention, without the softmax: query [inputs, group * length, inner] (the
-  `group` rows that share an input's keys, as beams do) against heads-major key [inputs,
+  """The two matmuls of attention, without the softmax: query [inputs, group * length, inner]
+  (the `group` rows that share an input's keys, as beams do) against heads-major key [inputs,
   heads, kv_length, d_kv] ([inputs, heads, d_kv, kv_length] if `key_transposed`, as decoding
   caches it) and value [inputs, heads, kv_length, d_kv]."""
-  accumulate = jnp.float32 if model_lib.narrow_matmuls_are_slow(config.dtype) else None
-  scores = jnp.einsum("bhmd,bhdk->bhmk" if key_transposed else "bhmd,bhkd->bhmk",
-                      _split_heads(config, query), key,
-                      preferred_element_type=accumulate).astype(config.dtype)
+  scores = model_lib.accumulating_einsum(
+      "bhmd,bhdk->bhmk" if key_transposed else "bhmd,bhkd->bhmk",
+      model_lib.split_heads(config, query), key, config.dtype)
   # relu where the model has its softmax: one element-wise pass over the scores, as there.
-  out = jnp.einsum("bhmk,bhkd->bhmd", jax.nn.relu(scores), value,
-                   preferred_element_type=accumulate).astype(config.dtype)
+  out = model_lib.accumulating_einsum("bhmk,bhkd->bhmd", jax.nn.relu(scores), value,
+                                      config.dtype)
   return jnp.swapaxes(out, 1, 2).reshape(query.shape)
 
 
@@ -115,10 +112,9 @@ def _feed_forward_matmuls(config: T5Config, layer: dict[str, Any], x: jax.Array)
 
 
 def _encoder_matmuls(config: T5Config, weights: dict[str, Any], x: jax.Array) -> jax.Array:
-  for index in range(config.num_layers):
-    layer = weights["encoder"][index]
-    key, value = (_split_heads(config, _weight_matmul(config, x, layer[name])) for name in "kv")
-    attended = _attention_matmuls(config, _weight_matmul(config, x, layer["q"]), key, value)
+  for layer in weights["encoder"]:
+    attended = _attention_matmuls(config, _weight_matmul(config, x, layer["q"]),
+                                  _heads(config, x, layer["k"]), _heads(config, x, layer["v"]))
     x = x + _weight_matmul(config, attended, layer["o"])
     x = x + _feed_forward_matmuls(config, layer, x)
   return x
@@ -152,11 +148,10 @@ def matmuls_only_train_step(config: T5Config, batch_size: int, source_length: in
   def loss(weights, source, target):
     encoded = _encoder_matmuls(config, weights, source)
     x = target
-    for index in range(config.num_decoder_layers or config.num_layers):
-      layer = weights["decoder"][index]
-      heads = lambda source, name: _split_heads(config, _weight_matmul(config, source, layer[name]))
-      self_kv = (heads(x, "k"), heads(x, "v"))
-      cross_kv = (heads(encoded, "cross_k"), heads(encoded, "cross_v"))
+    for layer in weights["decoder"]:
+      self_kv = (_heads(config, x, layer["k"]), _heads(config, x, layer["v"]))
+      cross_kv = (_heads(config, encoded, layer["cross_k"]),
+                  _heads(config, encoded, layer["cross_v"]))
       x = _decoder_layer_matmuls(config, layer, x, self_kv, cross_kv)
     logits = model_lib.matmul(x, weights["output_embedding"].astype(config.dtype), 1,
                               jnp.float32)
@@ -178,8 +173,7 @@ def matmuls_only_decoding_step(config: T5Config, batch_size: int, rows_per_input
   rows = batch_size * rows_per_input
   rngs = jax.random.split(jax.random.key(0), 3)
   weights = _matmuls_only_weights(config, rngs[0])
-  layers, heads, d_kv = (config.num_decoder_layers or config.num_layers, config.num_heads,
-                         config.d_kv)
+  layers, heads, d_kv = config.num_decoder_layers, config.num_heads, config.d_kv
 
   # Per layer: keys [inputs, heads, d_kv, length] and values [inputs, heads, length, d_kv].
   def cache(rng, inputs, length):
@@ -220,14 +214,11 @@ def matmuls_only_generate(config: T5Config, batch_size: int, source_length: int,
   weights, x, self_cache = single.args[:3]
   source = jax.random.normal(jax.random.key(1), (batch_size, source_length, config.d_model),
                              config.dtype)
-  layers = config.num_decoder_layers or config.num_layers
 
   def generate(weights, x, self_cache, source):
     encoded = _encoder_matmuls(config, weights, source)
-    projected = lambda layer, name: _split_heads(config, _weight_matmul(config, encoded,
-                                                                       layer[name]))
-    cross_cache = [(jnp.swapaxes(projected(layer, "cross_k"), 2, 3), projected(layer, "cross_v"))
-                   for layer in weights["decoder"]]
+    cross_cache = [(jnp.swapaxes(_heads(config, encoded, layer["cross_k"]), 2, 3),
+                    _heads(config, encoded, layer["cross_v"])) for layer in weights["decoder"]]
     return jax.lax.fori_loop(
         0, max_new_tokens,
         lambda position, carry: single.fn(weights, *carry, cross_cache, position),
